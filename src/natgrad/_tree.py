@@ -1,0 +1,55 @@
+"""Vector arithmetic on pytrees: the parameter space every operator and solver works in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def add(x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, x, y)
+
+
+def sub(x: PyTree, y: PyTree) -> PyTree:
+    return jax.tree.map(jnp.subtract, x, y)
+
+
+def scale(alpha, x: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: alpha * a, x)
+
+
+def axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
+    """alpha * x + y."""
+    return jax.tree.map(lambda a, b: alpha * a + b, x, y)
+
+
+def vdot(x: PyTree, y: PyTree) -> jax.Array:
+    """Euclidean inner product of two pytrees, summed over every leaf."""
+    leaves = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.vdot(a, b), x, y))
+    return sum(leaves, jnp.zeros((), leaves[0].dtype if leaves else jnp.float32))
+
+
+def norm(x: PyTree) -> jax.Array:
+    return jnp.sqrt(vdot(x, x))
+
+
+def zeros_like(x: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, x)
+
+
+def where(cond, x: PyTree, y: PyTree) -> PyTree:
+    """Leafwise `jnp.where(cond, x, y)` for a scalar condition."""
+    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), x, y)
+
+
+def all_finite(x: PyTree) -> jax.Array:
+    leaves = jax.tree.leaves(x)
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves else True
+
+
+def cast_like(x: PyTree, like: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), x, like)

@@ -1,0 +1,1 @@
+"""Experiments: datasets, models, runs, the `natgrad` CLI (needs the `experiments` extra)."""

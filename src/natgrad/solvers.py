@@ -1,0 +1,257 @@
+r"""Conjugate gradient built for optimisation, over pytrees, jit-able.
+
+``cg`` solves A x = b for a symmetric A given only as a product ``matvec(v)``, by minimising the
+quadratic φ(x) = ½ xᵀAx − bᵀx. Preconditioned CG (Nocedal & Wright, Alg. 5.3), with M⁻¹ given
+as ``preconditioner(r)``:
+
+    r₀ = b − A x₀,  y₀ = M⁻¹ r₀,  p₀ = y₀
+    α_i = r_iᵀ y_i / p_iᵀ A p_i
+    x_{i+1} = x_i + α_i p_i,  r_{i+1} = r_i − α_i A p_i,  y_{i+1} = M⁻¹ r_{i+1}
+    β_i = r_{i+1}ᵀ y_{i+1} / r_iᵀ y_i,  p_{i+1} = y_{i+1} + β_i p_i
+
+φ costs no extra product: with A x = b − r, φ(x) = −½ xᵀ(b + r).
+
+What optimisation adds (Martens 2010, "Deep learning via Hessian-free optimization", §4.4–4.6):
+
+* warm start from ``x0`` (the decayed previous solution);
+* Martens' stopping rule on relative progress of φ: stop at iteration i when i > k, φ(x_i) < 0
+  and (φ(x_i) − φ(x_{i−k})) / φ(x_i) < kε, with k = max(10, ⌈0.1 i⌉) and ε = 5·10⁻⁴;
+* exit on non-positive curvature pᵀAp ≤ 0 (A is not positive definite along p), returning the
+  last good iterate, flagged;
+* the iterates at i = ⌈5·1.3ʲ⌉ saved for Hessian-free backtracking, plus the last one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from natgrad import _tree
+from natgrad.curvature import Operator
+
+__all__ = ["CGResult", "cg", "dense_solve", "save_schedule", "STATUS_NAMES"]
+
+PyTree = Any
+
+# Why CG stopped (CGResult.status).
+CONVERGED, MARTENS, MAXITER, NEGATIVE_CURVATURE, NONFINITE = range(5)
+STATUS_NAMES = ("converged", "martens", "maxiter", "negative_curvature", "nonfinite")
+
+MARTENS_EPS = 5e-4  # ε of Martens' rule (Martens 2010, §4.4)
+MARTENS_MIN_K = 10  # k = max(10, ⌈0.1 i⌉) (ibid.)
+
+
+class CGResult(NamedTuple):
+    """The solution and why CG stopped.
+
+    Attributes:
+      x: the last good iterate.
+      iterations: CG iterations done (products with A, not counting the warm-start residual).
+      status: int code, `STATUS_NAMES[status]` says why CG stopped.
+      residual_norm: ‖b − A x‖.
+      phi: φ(x) = ½ xᵀAx − bᵀx.
+      saved: iterates at `saved_steps` (leading axis per leaf), or None if not requested.
+      saved_steps: iteration index of each saved slot, −1 where unused; the last used slot
+        always holds the final x.
+    """
+
+    x: PyTree
+    iterations: jax.Array
+    status: jax.Array
+    residual_norm: jax.Array
+    phi: jax.Array
+    saved: PyTree | None
+    saved_steps: jax.Array | None
+
+
+def save_schedule(maxiter: int) -> tuple[int, ...]:
+    """Iterations ⌈5·1.3ʲ⌉ ≤ maxiter (Martens 2010, §4.6) at which iterates are saved."""
+    steps, j = [], 0
+    while (i := math.ceil(5 * 1.3**j)) <= maxiter:
+        if not steps or i != steps[-1]:
+            steps.append(i)
+        j += 1
+    return tuple(steps)
+
+
+class _State(NamedTuple):
+    i: jax.Array
+    x: PyTree
+    r: PyTree
+    y: PyTree
+    p: PyTree
+    ry: jax.Array
+    phi_hist: jax.Array
+    status: jax.Array
+    done: jax.Array
+    saved: PyTree | None
+    saved_steps: jax.Array | None
+
+
+def cg(
+    matvec: Callable[[PyTree], PyTree],
+    b: PyTree,
+    *,
+    x0: PyTree | None = None,
+    maxiter: int = 50,
+    tol: float = 1e-5,
+    atol: float = 0.0,
+    preconditioner: Callable[[PyTree], PyTree] | None = None,
+    martens_stop: bool = False,
+    save_iterates: bool = False,
+) -> CGResult:
+    """Preconditioned conjugate gradient for A x = b, A symmetric (positive definite).
+
+    Args:
+      matvec: v ↦ A v on pytrees shaped like `b` (e.g. `damped(op, λ).mv`).
+      b: right-hand side.
+      x0: warm start (default zeros).
+      maxiter: at most this many iterations (a Python int ≥ 1).
+      tol, atol: stop when ‖r‖ ≤ max(tol·‖b‖, atol).
+      preconditioner: r ↦ M⁻¹ r, M symmetric positive definite.
+      martens_stop: also stop by Martens' relative-progress rule on φ.
+      save_iterates: keep the iterates at `save_schedule(maxiter)` and the last one.
+
+    Returns:
+      A `CGResult`. Under `jax.jit` everything but `maxiter`, `martens_stop` and
+      `save_iterates` may be traced.
+    """
+    if int(maxiter) < 1:
+        raise ValueError(f"maxiter: expected an integer >= 1, got {maxiter}")
+    maxiter = int(maxiter)
+    precond = preconditioner if preconditioner is not None else (lambda r: r)
+
+    if x0 is None:
+        x = _tree.zeros_like(b)
+        r = b
+    else:
+        x = _tree.cast_like(x0, b)
+        r = _tree.sub(b, matvec(x))
+    y = precond(r)
+    ry = _tree.vdot(r, y)
+    dtype = ry.dtype
+    bnorm = _tree.norm(b)
+    threshold = jnp.maximum(tol * bnorm, atol)
+
+    phi0 = -0.5 * _tree.vdot(x, _tree.add(b, r))
+    phi_hist = jnp.zeros(maxiter + 1, dtype).at[0].set(phi0)
+
+    schedule = save_schedule(maxiter) if save_iterates else ()
+    if save_iterates:
+        slots = len(schedule) + 1  # + the last iterate
+        saved = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), x)
+        saved_steps = jnp.full((slots,), -1, jnp.int32)
+    else:
+        saved, saved_steps = None, None
+    sched = jnp.asarray(schedule if schedule else (0,), jnp.int32)
+
+    converged0 = _tree.norm(r) <= threshold
+    state = _State(
+        i=jnp.int32(0),
+        x=x,
+        r=r,
+        y=y,
+        p=y,
+        ry=ry,
+        phi_hist=phi_hist,
+        status=jnp.where(converged0, CONVERGED, MAXITER).astype(jnp.int32),
+        done=converged0,
+        saved=saved,
+        saved_steps=saved_steps,
+    )
+
+    def cond(s: _State):
+        return jnp.logical_and(s.i < maxiter, jnp.logical_not(s.done))
+
+    def body(s: _State) -> _State:
+        ap = matvec(s.p)
+        pap = _tree.vdot(s.p, ap)
+        alpha = s.ry / pap
+        x_new = _tree.axpy(alpha, s.p, s.x)
+        r_new = _tree.axpy(-alpha, ap, s.r)
+        y_new = precond(r_new)
+        ry_new = _tree.vdot(r_new, y_new)
+        p_new = _tree.axpy(ry_new / s.ry, s.p, y_new)
+        i = s.i + 1
+        phi = -0.5 * _tree.vdot(x_new, _tree.add(b, r_new))
+        phi_hist = s.phi_hist.at[i].set(phi)
+
+        negative = pap <= 0
+        nonfinite = jnp.logical_not(jnp.isfinite(pap) & jnp.isfinite(phi) & jnp.isfinite(ry_new))
+        bad = negative | nonfinite
+        converged = _tree.norm(r_new) <= threshold
+        if martens_stop:
+            k = jnp.maximum(MARTENS_MIN_K, jnp.ceil(0.1 * i).astype(jnp.int32))
+            phi_k = phi_hist[jnp.maximum(i - k, 0)]
+            stalled = (i > k) & (phi < 0) & ((phi - phi_k) / phi < k * MARTENS_EPS)
+        else:
+            stalled = jnp.bool_(False)
+
+        status = jnp.select(
+            [nonfinite, negative, converged, stalled],
+            [NONFINITE, NEGATIVE_CURVATURE, CONVERGED, MARTENS],
+            MAXITER,
+        ).astype(jnp.int32)
+        # On bad curvature keep the last good iterate; the step counter does not advance.
+        keep = lambda new, old: _tree.where(bad, old, new)  # noqa: E731
+        new = _State(
+            i=jnp.where(bad, s.i, i),
+            x=keep(x_new, s.x),
+            r=keep(r_new, s.r),
+            y=keep(y_new, s.y),
+            p=keep(p_new, s.p),
+            ry=jnp.where(bad, s.ry, ry_new),
+            phi_hist=jnp.where(bad, s.phi_hist, phi_hist),
+            status=status,
+            done=bad | converged | stalled,
+            saved=s.saved,
+            saved_steps=s.saved_steps,
+        )
+        if save_iterates:
+            slot = jnp.searchsorted(sched, i)
+            do_save = jnp.logical_not(bad) & (slot < len(schedule)) & (sched[slot] == i)
+            saved, steps = _save(s.saved, s.saved_steps, slot, x_new, i)
+            new = new._replace(
+                saved=_tree.where(do_save, saved, s.saved),
+                saved_steps=jnp.where(do_save, steps, s.saved_steps),
+            )
+        return new
+
+    final = lax.while_loop(cond, body, state)
+    saved, saved_steps = final.saved, final.saved_steps
+    if save_iterates:
+        # The final iterate goes in the slot after the last scheduled one that was filled,
+        # unless it is already there.
+        used = jnp.sum(saved_steps >= 0)
+        last_is_final = (used > 0) & (saved_steps[jnp.maximum(used - 1, 0)] == final.i)
+        slot = jnp.where(last_is_final, used - 1, used)
+        saved, saved_steps = _save(saved, saved_steps, slot, final.x, final.i)
+
+    return CGResult(
+        x=final.x,
+        iterations=final.i,
+        status=final.status,
+        residual_norm=_tree.norm(final.r),
+        phi=final.phi_hist[final.i],
+        saved=saved,
+        saved_steps=saved_steps,
+    )
+
+
+def _save(saved, saved_steps, slot, x, i):
+    saved = jax.tree.map(lambda buf, a: buf.at[slot].set(a), saved, x)
+    return saved, saved_steps.at[slot].set(i)
+
+
+def dense_solve(matvec: Callable[[PyTree], PyTree], b: PyTree) -> PyTree:
+    """Oracle for small problems: form A from `matvec` densely and solve with `jnp.linalg.solve`."""
+    flat_b, unravel = ravel_pytree(b)
+    mv = matvec.mv if isinstance(matvec, Operator) else matvec
+    a = Operator(mv, b).to_dense()
+    return unravel(jnp.linalg.solve(a, flat_b))

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models whose dense curvature matrices are cheap to form in float64."""
+
+import jax
+
+# Dense oracles are float64. Tests that exercise float32 paths ask for float32 explicitly.
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from natgrad import losses  # noqa: E402
+
+
+def mlp_params(key, sizes):
+    """A tanh MLP with biases, as a list of {"w", "b"} dicts."""
+    params = []
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        kw, kb = jax.random.split(jax.random.fold_in(key, i))
+        params.append(
+            {
+                "w": jax.random.normal(kw, (m, n)) / jnp.sqrt(m),
+                "b": 0.1 * jax.random.normal(kb, (n,)),
+            }
+        )
+    return params
+
+
+def mlp_apply(params, x):
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def make_targets(loss, key, batch_size, out_dim):
+    if loss.name == "softmax_cross_entropy":
+        return jax.random.randint(key, (batch_size,), 0, out_dim)
+    if loss.name == "sigmoid_cross_entropy":
+        return jax.random.bernoulli(key, 0.4, (batch_size, out_dim)).astype(jnp.float64)
+    return jax.random.normal(key, (batch_size, out_dim))
+
+
+LOSSES = {
+    "softmax_cross_entropy": losses.softmax_cross_entropy,
+    "squared_error": losses.squared_error,
+    "sigmoid_cross_entropy": losses.sigmoid_cross_entropy,
+}
+
+
+@pytest.fixture(params=list(LOSSES))
+def loss(request):
+    return LOSSES[request.param]()
+
+
+def problem(loss, *, batch_size=5, in_dim=3, hidden=4, out_dim=3, seed=0):
+    """(params, batch) for a 1-hidden-layer tanh MLP."""
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = mlp_params(k1, [in_dim, hidden, out_dim])
+    x = jax.random.normal(k2, (batch_size, in_dim))
+    y = make_targets(loss, k3, batch_size, out_dim)
+    return params, (x, y)

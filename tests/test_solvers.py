@@ -1,0 +1,146 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natgrad import solvers
+
+
+def spd(key, n, cond=10.0):
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n)))
+    eig = jnp.logspace(0, jnp.log10(cond), n)
+    return (q * eig) @ q.T
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 12), seed=st.integers(0, 10_000), log_cond=st.floats(0.0, 4.0))
+def test_cg_matches_dense_solve_on_random_spd(n, seed, log_cond):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    a = spd(k1, n, 10.0**log_cond)
+    b = jax.random.normal(k2, (n,))
+    res = solvers.cg(lambda v: a @ v, b, maxiter=10 * n, tol=1e-12)
+    np.testing.assert_allclose(res.x, jnp.linalg.solve(a, b), rtol=1e-6, atol=1e-8)
+    assert solvers.STATUS_NAMES[int(res.status)] == "converged"
+    np.testing.assert_allclose(res.phi, 0.5 * res.x @ a @ res.x - b @ res.x, rtol=1e-8, atol=1e-12)
+
+
+def test_pytree_solution_matches_dense_solve():
+    a = spd(jax.random.PRNGKey(0), 5)
+    b = {"u": jnp.arange(3.0), "v": jnp.ones((2,))}
+
+    def mv(t):
+        flat = jnp.concatenate([t["u"], t["v"]])
+        out = a @ flat
+        return {"u": out[:3], "v": out[3:]}
+
+    res = solvers.cg(mv, b, maxiter=50, tol=1e-12)
+    dense = solvers.dense_solve(mv, b)
+    np.testing.assert_allclose(res.x["u"], dense["u"], atol=1e-10)
+    np.testing.assert_allclose(res.x["v"], dense["v"], atol=1e-10)
+
+
+def test_warm_start_from_the_solution_needs_no_iterations():
+    a = spd(jax.random.PRNGKey(1), 8)
+    b = jnp.ones(8)
+    x = jnp.linalg.solve(a, b)
+    res = solvers.cg(lambda v: a @ v, b, x0=x, tol=1e-8)
+    assert int(res.iterations) == 0
+    near = solvers.cg(lambda v: a @ v, b, x0=x + 1e-3, tol=1e-10, maxiter=100)
+    cold = solvers.cg(lambda v: a @ v, b, tol=1e-10, maxiter=100)
+    np.testing.assert_allclose(near.x, x, atol=1e-9)
+    assert int(near.iterations) <= int(cold.iterations)
+
+
+def test_jacobi_preconditioner_cuts_iterations_on_an_ill_conditioned_system():
+    key = jax.random.PRNGKey(2)
+    n = 60
+    d = jnp.logspace(0, 5, n)  # badly scaled diagonal plus a small coupling
+    c = 0.01 * spd(key, n, 5.0)
+    a = jnp.diag(d) + c * jnp.sqrt(jnp.outer(d, d))
+    b = jnp.ones(n)
+    plain = solvers.cg(lambda v: a @ v, b, maxiter=500, tol=1e-8)
+    pre = solvers.cg(
+        lambda v: a @ v, b, maxiter=500, tol=1e-8, preconditioner=lambda r: r / jnp.diag(a)
+    )
+    np.testing.assert_allclose(pre.x, jnp.linalg.solve(a, b), rtol=1e-5)
+    assert int(pre.iterations) * 3 < int(plain.iterations)
+
+
+def test_negative_curvature_exit_returns_last_good_iterate():
+    a = jnp.diag(jnp.array([1.0, 2.0, -1.0]))
+    b = jnp.array([1.0, 1.0, 1.0])
+    res = solvers.cg(lambda v: a @ v, b, maxiter=10)
+    assert solvers.STATUS_NAMES[int(res.status)] == "negative_curvature"
+    assert jnp.all(jnp.isfinite(res.x))
+    # The returned iterate decreased φ from 0 and was reached before the bad direction.
+    assert float(res.phi) < 0
+    np.testing.assert_allclose(res.phi, 0.5 * res.x @ a @ res.x - b @ res.x, atol=1e-12)
+    # Indefinite from the first direction: nothing good, x stays at the start.
+    first = solvers.cg(lambda v: a @ v, jnp.array([0.0, 0.0, 1.0]), maxiter=10)
+    assert int(first.iterations) == 0
+    np.testing.assert_array_equal(first.x, jnp.zeros(3))
+
+
+def test_martens_rule_stops_earlier_than_a_tight_tolerance():
+    a = spd(jax.random.PRNGKey(3), 200, cond=1e5)
+    b = jax.random.normal(jax.random.PRNGKey(4), (200,))
+    tight = solvers.cg(lambda v: a @ v, b, maxiter=400, tol=1e-14)
+    martens = solvers.cg(lambda v: a @ v, b, maxiter=400, tol=1e-14, martens_stop=True)
+    assert solvers.STATUS_NAMES[int(martens.status)] == "martens"
+    assert int(martens.iterations) < int(tight.iterations)
+    # ... while already having most of the achievable decrease of φ.
+    phi_star = -0.5 * b @ jnp.linalg.solve(a, b)
+    assert float(martens.phi) < 0.9 * float(phi_star)
+
+
+def test_saved_iterates_follow_martens_schedule():
+    assert solvers.save_schedule(30) == (5, 7, 9, 11, 15, 19, 25)
+    a = spd(jax.random.PRNGKey(5), 40, cond=1e3)
+    b = jnp.ones(40)
+    res = solvers.cg(lambda v: a @ v, b, maxiter=30, tol=1e-30, save_iterates=True)
+    steps = np.asarray(res.saved_steps)
+    assert list(steps) == [5, 7, 9, 11, 15, 19, 25, 30]
+    np.testing.assert_array_equal(res.saved[-1], res.x)
+    # Iterate 5 equals a fresh 5-iteration solve.
+    five = solvers.cg(lambda v: a @ v, b, maxiter=5, tol=1e-30)
+    np.testing.assert_allclose(res.saved[0], five.x, atol=1e-12)
+
+
+def test_saved_iterates_when_converging_early():
+    a = jnp.diag(jnp.arange(1.0, 7.0))
+    res = solvers.cg(lambda v: a @ v, jnp.ones(6), maxiter=30, tol=1e-10, save_iterates=True)
+    steps = np.asarray(res.saved_steps)
+    assert steps[0] == 5 and steps[1] == int(res.iterations) == 6 and np.all(steps[2:] == -1)
+    np.testing.assert_array_equal(res.saved[1], res.x)
+
+
+def test_cg_under_jit_with_traced_tolerance_and_preconditioner():
+    a = spd(jax.random.PRNGKey(6), 10)
+
+    @jax.jit
+    def solve(b, tol, diag):
+        return solvers.cg(
+            lambda v: a @ v,
+            b,
+            tol=tol,
+            maxiter=50,
+            preconditioner=lambda r: r / diag,
+            martens_stop=True,
+            save_iterates=True,
+        )
+
+    res = solve(jnp.ones(10), 1e-10, jnp.diag(a))
+    np.testing.assert_allclose(res.x, jnp.linalg.solve(a, jnp.ones(10)), rtol=1e-6)
+
+
+def test_nonfinite_product_stops_with_a_flag():
+    res = solvers.cg(lambda v: v * jnp.nan, jnp.ones(3), maxiter=5)
+    assert solvers.STATUS_NAMES[int(res.status)] == "nonfinite"
+    np.testing.assert_array_equal(res.x, jnp.zeros(3))
+
+
+def test_bad_maxiter():
+    with pytest.raises(ValueError, match="maxiter"):
+        solvers.cg(lambda v: v, jnp.ones(2), maxiter=0)
