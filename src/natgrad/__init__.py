@@ -1,6 +1,22 @@
 """natgrad: natural-gradient and Hessian-free optimisation for JAX, as optax transformations."""
 
-from natgrad import curvature, losses, solvers
+from natgrad import curvature, damping, losses, preconditioners, solvers
+from natgrad.optimizers import (
+    HessianFreeState,
+    NaturalGradientState,
+    hessian_free,
+    natural_gradient,
+)
 
-__all__ = ["curvature", "losses", "solvers"]
+__all__ = [
+    "curvature",
+    "damping",
+    "losses",
+    "preconditioners",
+    "solvers",
+    "natural_gradient",
+    "NaturalGradientState",
+    "hessian_free",
+    "HessianFreeState",
+]
 __version__ = "0.1.0"
