@@ -23,6 +23,7 @@ def test_cg_matches_dense_solve_on_random_spd(n, seed, log_cond):
     res = solvers.cg(lambda v: a @ v, b, maxiter=10 * n, tol=1e-12)
     np.testing.assert_allclose(res.x, jnp.linalg.solve(a, b), rtol=1e-6, atol=1e-8)
     assert solvers.STATUS_NAMES[int(res.status)] == "converged"
+    np.testing.assert_allclose(res.residual, b - a @ res.x, atol=1e-8)
     np.testing.assert_allclose(res.phi, 0.5 * res.x @ a @ res.x - b @ res.x, rtol=1e-8, atol=1e-12)
 
 
@@ -76,6 +77,7 @@ def test_negative_curvature_exit_returns_last_good_iterate():
     assert jnp.all(jnp.isfinite(res.x))
     # The returned iterate decreased φ from 0 and was reached before the bad direction.
     assert float(res.phi) < 0
+    np.testing.assert_allclose(res.residual, b - a @ res.x, atol=1e-12)  # r matches the kept x
     np.testing.assert_allclose(res.phi, 0.5 * res.x @ a @ res.x - b @ res.x, atol=1e-12)
     # Indefinite from the first direction: nothing good, x stays at the start.
     first = solvers.cg(lambda v: a @ v, jnp.array([0.0, 0.0, 1.0]), maxiter=10)

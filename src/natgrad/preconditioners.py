@@ -47,17 +47,26 @@ class Preconditioner(NamedTuple):
 
 
 def empirical_fisher_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -> PyTree:
-    """(1/B) Σ_i g_i ⊙ g_i from per-example gradients g_i (vmapped `jax.grad`), shaped like params."""
-    inputs, targets = batch
+    """(1/B) Σ_i g_i ⊙ g_i from per-example gradients g_i, shaped like params.
 
-    def example_grad(x, y):
+    A `lax.scan` over examples accumulates the squares, so no B × n array of per-example
+    gradients is ever held. On CPU this costs about 4 gradients for an MLP 784-128-10 at batch
+    128, where `vmap(grad)` costs about 90 (XLA runs its batched outer products slowly).
+    """
+    inputs, targets = batch
+    batch_size = jnp.shape(targets)[0]
+
+    def add_example(acc, example):
+        x, y = example
+
         def nll(p):
             return loss.nll(apply_fn(p, jax.tree.map(lambda a: a[None], x)), y[None])[0]
 
-        return jax.grad(nll)(params)
+        g = jax.grad(nll)(params)
+        return jax.tree.map(lambda s, gi: s + jnp.square(gi), acc, g), None
 
-    grads = jax.vmap(example_grad)(inputs, targets)
-    return jax.tree.map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+    total, _ = jax.lax.scan(add_example, jax.tree.map(jnp.zeros_like, params), (inputs, targets))
+    return jax.tree.map(lambda s: s / batch_size, total)
 
 
 def martens_diagonal(alpha: float = MARTENS_ALPHA) -> Preconditioner:

@@ -54,7 +54,9 @@ class CGResult(NamedTuple):
       x: the last good iterate.
       iterations: CG iterations done (products with A, not counting the warm-start residual).
       status: int code, `STATUS_NAMES[status]` says why CG stopped.
-      residual_norm: ‖b − A x‖.
+      residual: r = b − A x (CG's recursively updated residual), so A x = b − r costs no
+        product.
+      residual_norm: ‖r‖.
       phi: φ(x) = ½ xᵀAx − bᵀx.
       saved: iterates at `saved_steps` (leading axis per leaf), or None if not requested.
       saved_steps: iteration index of each saved slot, −1 where unused; the last used slot
@@ -64,6 +66,7 @@ class CGResult(NamedTuple):
     x: PyTree
     iterations: jax.Array
     status: jax.Array
+    residual: PyTree
     residual_norm: jax.Array
     phi: jax.Array
     saved: PyTree | None
@@ -237,6 +240,7 @@ def cg(
         x=final.x,
         iterations=final.i,
         status=final.status,
+        residual=final.r,
         residual_norm=_tree.norm(final.r),
         phi=final.phi_hist[final.i],
         saved=saved,

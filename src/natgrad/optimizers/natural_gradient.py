@@ -190,7 +190,10 @@ def natural_gradient(
         d = res.x
         s = _tree.axpy(momentum, state.momentum, d) if momentum else d
 
-        cs = op.mv(s)
+        if momentum:
+            cs = op.mv(s)
+        else:  # s = d = x_CG and (C + λI) x = g − r: C s for free from CG's residual
+            cs = _tree.sub(_tree.sub(grads, res.residual), _tree.scale(lam, d))
         gs, scs, ss = _tree.vdot(grads, s), _tree.vdot(s, cs), _tree.vdot(s, s)
         sfs = scs
         if curvature == "hessian" and step_rule == "kl":

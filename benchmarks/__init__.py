@@ -1,0 +1,1 @@
+"""natgrad's benchmarks: `python -m benchmarks [--quick] --out results/bench` (or `make bench`)."""

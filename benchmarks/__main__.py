@@ -1,0 +1,36 @@
+"""Run every benchmark and write its JSON under --out (default results/bench)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+# Each module has main(argv) -> dict and writes <name>.json into --out.
+BENCHMARKS = ("curvature", "steps", "kfac", "time_to_target", "sharding")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for smoke runs")
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run just these")
+    args = parser.parse_args(argv)
+    for name in args.only or BENCHMARKS:
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"benchmarks.{name}":
+                raise
+            print(f"== {name}: not present, skipped", flush=True)
+            continue
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        module.main(["--out", args.out] + (["--quick"] if args.quick else []))
+        print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Per-step time of each optimiser relative to an `optax.sgd` step, side by side in one process.
+
+MLP 784-128-10 at batch 128 and MLP 784-512-512-10 at batch 1024, float32 (issue 3). A step is
+the whole jitted training step: `value_and_grad` + `update` + `apply_updates`. For the
+natural-gradient steps we also report step / gradient against the budget 2 + 1.2k gradients for
+k CG iterations, and the number of curvature products the step really made.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import optax
+
+import natgrad
+from benchmarks.timing import batch, machine, median_seconds, mlp, write_json
+from natgrad import losses
+
+
+def lineup(apply_fn, loss):
+    ng = natgrad.natural_gradient
+    opts = {
+        "sgd": optax.sgd(0.1),
+        "adam": optax.adam(1e-3),
+        "ngd-fisher": ng(apply_fn, loss),
+        "ngd-ggn": ng(apply_fn, loss, curvature="ggn"),
+        "ngd-empirical": ng(apply_fn, loss, curvature="empirical_fisher"),
+        "ngd-fisher-mc": ng(apply_fn, loss, curvature="fisher_mc", damping=1e-2),
+        "ngd-hessian": ng(apply_fn, loss, curvature="hessian"),
+        "hessian-free": natgrad.hessian_free(apply_fn, loss),
+    }
+    if hasattr(natgrad, "kfac"):
+        opts["kfac"] = natgrad.kfac(apply_fn, loss)
+    return opts
+
+
+def make_step(opt, apply_fn, loss, extra_args: bool):
+    def step(params, state, data, key):
+        value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, data[0]), data[1]))(
+            params
+        )
+        if extra_args:
+            updates, state = opt.update(grads, state, params, batch=data, key=key)
+        else:
+            updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    return jax.jit(step)
+
+
+def bench_model(sizes, batch_size, repeats, names=None) -> dict:
+    params, apply_fn = mlp(sizes, jax.random.PRNGKey(0))
+    data = batch(jax.random.PRNGKey(1), batch_size)
+    key = jax.random.PRNGKey(2)
+    loss = losses.softmax_cross_entropy()
+    grad = jax.jit(jax.grad(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1])))
+    t_grad = median_seconds(grad, params, data, repeats=repeats)
+    rows = {}
+    for name, opt in lineup(apply_fn, loss).items():
+        if names and name not in names:
+            continue
+        is_natgrad = isinstance(opt, optax.GradientTransformationExtraArgs)
+        step = make_step(opt, apply_fn, loss, is_natgrad)
+        p, s = params, opt.init(params)
+        for i in range(3):  # a few real steps so warm starts and damping are representative
+            p, s, _ = step(p, s, data, jax.random.fold_in(key, i))
+        t = median_seconds(step, p, s, data, key, repeats=repeats)
+        row = {"step_seconds": t, "step_over_grad": t / t_grad}
+        # The state after the timed step tells how much work it did.
+        _, s_after, _ = step(p, s, data, key)
+        k = getattr(s_after, "cg_iterations", None)
+        if k is not None:
+            k = int(k)
+            row["cg_iterations"] = k
+            row["budget_2_plus_1.2k"] = 2 + 1.2 * k
+            row["within_budget"] = t / t_grad <= 2 + 1.2 * k
+        rows[name] = row
+    t_sgd = rows["sgd"]["step_seconds"] if "sgd" in rows else None
+    for row in rows.values():
+        row["step_over_sgd"] = None if t_sgd is None else row["step_seconds"] / t_sgd
+    return {
+        "model": list(sizes),
+        "batch_size": batch_size,
+        "grad_seconds": t_grad,
+        "optimizers": rows,
+    }
+
+
+def run(quick: bool = False) -> dict:
+    configs = (
+        [((784, 128, 10), 128)] if quick else [((784, 128, 10), 128), ((784, 512, 512, 10), 1024)]
+    )
+    repeats = 5 if quick else 15
+    return {
+        "benchmark": "steps",
+        "dtype": "float32",
+        "note": "ratios measured side by side in one process; medians after compilation",
+        "models": [bench_model(sizes, b, repeats) for sizes, b in configs],
+        "machine": machine(),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="results/bench")
+    args = parser.parse_args(argv)
+    payload = run(args.quick)
+    path = write_json(args.out, "steps.json", payload)
+    for m in payload["models"]:
+        print(f"MLP {m['model']} batch {m['batch_size']}:")
+        for name, r in m["optimizers"].items():
+            extra = (
+                f"  CG {r['cg_iterations']}  step/grad {r['step_over_grad']:.1f} "
+                f"(budget {r['budget_2_plus_1.2k']:.1f})"
+                if "cg_iterations" in r
+                else ""
+            )
+            print(f"  {name:15s} step/sgd {r['step_over_sgd']:6.1f}{extra}")
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
