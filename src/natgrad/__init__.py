@@ -1,6 +1,6 @@
 """natgrad: natural-gradient and Hessian-free optimisation for JAX, as optax transformations."""
 
-from natgrad import curvature, damping, losses, preconditioners, solvers
+from natgrad import curvature, damping, losses, preconditioners, sharding, solvers
 from natgrad.optimizers import (
     HessianFreeState,
     NaturalGradientState,
@@ -13,6 +13,7 @@ __all__ = [
     "damping",
     "losses",
     "preconditioners",
+    "sharding",
     "solvers",
     "natural_gradient",
     "NaturalGradientState",

@@ -21,6 +21,7 @@ tempers the diagonal, which Martens found more robust than α = 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -52,9 +53,14 @@ def empirical_fisher_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -
     A `lax.scan` over examples accumulates the squares, so no B × n array of per-example
     gradients is ever held. On CPU this costs about 4 gradients for an MLP 784-128-10 at batch
     128, where `vmap(grad)` costs about 90 (XLA runs its batched outer products slowly).
+
+    The examples are split into `jax.device_count()` contiguous chunks (1 chunk if that does not
+    divide B), scanned side by side under `vmap`: with the batch sharded over a mesh, each device
+    scans its own examples and nothing gathers the batch.
     """
     inputs, targets = batch
     batch_size = jnp.shape(targets)[0]
+    chunks = math.gcd(batch_size, jax.device_count())
 
     def add_example(acc, example):
         x, y = example
@@ -65,8 +71,15 @@ def empirical_fisher_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -
         g = jax.grad(nll)(params)
         return jax.tree.map(lambda s, gi: s + jnp.square(gi), acc, g), None
 
-    total, _ = jax.lax.scan(add_example, jax.tree.map(jnp.zeros_like, params), (inputs, targets))
-    return jax.tree.map(lambda s: s / batch_size, total)
+    def scan_chunk(examples):
+        total, _ = jax.lax.scan(add_example, jax.tree.map(jnp.zeros_like, params), examples)
+        return total
+
+    split = jax.tree.map(
+        lambda a: a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:]), (inputs, targets)
+    )
+    totals = jax.vmap(scan_chunk)(split)
+    return jax.tree.map(lambda s: jnp.sum(s, axis=0) / batch_size, totals)
 
 
 def martens_diagonal(alpha: float = MARTENS_ALPHA) -> Preconditioner:

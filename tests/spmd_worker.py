@@ -1,0 +1,112 @@
+"""Run natgrad steps on 4 emulated CPU devices and on 1, and report what differs, as JSON.
+
+Started as a subprocess by tests/test_sharding.py: XLA_FLAGS must be set before jax is imported,
+and the test process has imported jax already.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import natgrad  # noqa: E402
+from natgrad import sharding  # noqa: E402
+
+LOSS = natgrad.losses.softmax_cross_entropy()
+
+
+def init(key, sizes=(20, 16, 5)):
+    return [
+        {"w": jax.random.normal(jax.random.fold_in(key, i), (m, n)) / np.sqrt(m), "b": jnp.zeros(n)}
+        for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    ]
+
+
+def apply(params, x):
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def optimizers():
+    ng = natgrad.natural_gradient
+    opts = {f"ngd-{c}": ng(apply, LOSS, curvature=c) for c in natgrad.curvature.CURVATURES}
+    opts["ngd-momentum-precond"] = ng(
+        apply, LOSS, momentum=0.5, preconditioner=natgrad.preconditioners.martens_diagonal()
+    )
+    opts["hessian-free"] = natgrad.hessian_free(apply, LOSS)
+    if hasattr(natgrad, "kfac"):
+        opts["kfac"] = natgrad.kfac(apply, LOSS)
+    return opts
+
+
+def make_step(opt):
+    def step(params, state, batch, key):
+        grads = jax.grad(lambda p: LOSS.mean(apply(p, batch[0]), batch[1]))(params)
+        updates, state = opt.update(grads, state, params, batch=batch, key=key)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+def max_diff(a, b):
+    return max(
+        float(jnp.max(jnp.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def main():
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    params = init(jax.random.PRNGKey(0))
+    data = [
+        (
+            jax.random.normal(jax.random.PRNGKey(10 + i), (64, 20)),
+            jax.random.randint(jax.random.PRNGKey(100 + i), (64,), 0, 5),
+        )
+        for i in range(steps)
+    ]
+    mesh = sharding.batch_mesh(4)
+    report = {"devices": jax.device_count()}
+    for name, opt in optimizers().items():
+        step = make_step(opt)
+        p1, s1 = params, opt.init(params)
+        p4, s4 = sharding.replicate(params, mesh), sharding.replicate(opt.init(params), mesh)
+        one_step = None
+        for i, batch in enumerate(data):
+            key = jax.random.PRNGKey(1000 + i)
+            p1, s1 = step(p1, s1, batch, key)
+            p4, s4 = step(p4, s4, sharding.shard_batch(batch, mesh), key)
+            if i == 0:
+                one_step = max_diff(p1, p4)
+                hlo = step.lower(p4, s4, sharding.shard_batch(batch, mesh), key).compile().as_text()
+        report[name] = {
+            "one_step_max_diff": one_step,
+            "ten_step_max_diff": max_diff(p1, p4),
+            "param_scale": max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(p1)),
+            "all_reduce": len(re.findall(r"all-reduce(-start)?\(", hlo)),
+            "all_gather": len(re.findall(r"all-gather(-start)?\(", hlo)),
+            "params_replicated": all(
+                leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(p4)
+            ),
+            "state_replicated": all(
+                leaf.sharding.is_fully_replicated
+                for leaf in jax.tree.leaves(s4)
+                if hasattr(leaf, "sharding")
+            ),
+            "param_devices": min(len(leaf.sharding.device_set) for leaf in jax.tree.leaves(p4)),
+            "rejected": int(getattr(s4, "rejected_steps", 0)),
+        }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
