@@ -81,3 +81,21 @@ def test_helpers_validate_arguments():
         sharding.shard_batch((jnp.ones(())), mesh)
     x = sharding.shard_batch(jnp.ones((4, 2)), mesh)
     assert x.shape == (4, 2)
+
+
+def test_data_parallel_example_trains_on_four_devices():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    script = os.path.join(HERE, "..", "examples", "data_parallel.py")
+    out = subprocess.run(
+        [sys.executable, script, "--devices", "4", "--steps", "11", "--batch-size", "64"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith("step")]
+    first, last = float(lines[0][3]), float(lines[-1][3])
+    assert last < first and lines[-1][5] == "4"
