@@ -16,6 +16,7 @@ whatever the rule, so repeated failures escalate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -40,7 +41,7 @@ class DampingRule(NamedTuple):
 
 def _check_damping(name: str, value: float) -> float:
     value = float(value)
-    if not (value >= 0 and jnp.isfinite(value)):
+    if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"{name}: expected a finite damping >= 0, got {value}")
     return value
 
