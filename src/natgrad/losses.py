@@ -15,6 +15,11 @@ Fisher of the model equals its Gauss-Newton matrix Jᵀ H_z J. natgrad computes 
 differently (``hessian_vp`` is the closed-form Hessian, ``fisher_vp`` the explicit expectation
 over y), and the tests check that they agree.
 
+``kl(outputs_p, outputs_q)`` is KL(p(·|z_p) ‖ p(·|z_q)). For an exponential family with
+log-partition A it is the Bregman divergence of A, KL = A(z_q) − A(z_p) − (z_q − z_p)ᵀ∇A(z_p),
+with A = logsumexp (softmax), A = Σ softplus (sigmoid), A = ½‖z‖² (squared error, giving
+½‖z_q − z_p‖²). Its Hessian in z_q at z_q = z_p is ∇²A = H_z: the Fisher again.
+
 Arrays are batch-first: ``outputs`` has shape (B, ...) and the per-example quantities sum over
 every axis but the first.
 """
@@ -70,6 +75,10 @@ class Loss:
         """E_{y ~ p(y|z)}[s sᵀ] u per example, the output-space Fisher (explicit expectation)."""
         raise NotImplementedError
 
+    def kl(self, outputs_p: jax.Array, outputs_q: jax.Array) -> jax.Array:
+        """KL(p(·|z_p) ‖ p(·|z_q)) per example, shape (B,); see the module docstring."""
+        raise NotImplementedError
+
     def mean(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
         """The training loss: the batch mean of `nll`."""
         return jnp.mean(self.nll(outputs, targets))
@@ -103,6 +112,12 @@ class _SoftmaxCrossEntropy(Loss):
 
     def sample(self, key, outputs):
         return jax.random.categorical(key, outputs, axis=-1).astype(jnp.int32)
+
+    def kl(self, outputs_p, outputs_q):
+        # A = logsumexp, ∇A = softmax: Σ_c p_c (log p_c − log q_c) in Bregman form.
+        p = jax.nn.softmax(outputs_p, axis=-1)
+        log_ratio = jax.nn.logsumexp(outputs_q, axis=-1) - jax.nn.logsumexp(outputs_p, axis=-1)
+        return _sum_per_example(log_ratio - jnp.sum(p * (outputs_q - outputs_p), axis=-1))
 
     def hessian_vp(self, outputs, targets, u):
         # (diag(p) − p pᵀ) u = p ⊙ (u − pᵀu)
@@ -144,6 +159,10 @@ class _SquaredError(Loss):
     def sample(self, key, outputs):
         return outputs + jax.random.normal(key, outputs.shape, outputs.dtype)
 
+    def kl(self, outputs_p, outputs_q):
+        # KL(N(z_p, I) ‖ N(z_q, I)) = ½‖z_q − z_p‖².
+        return _sum_per_example(0.5 * jnp.square(outputs_q - outputs_p))
+
     def hessian_vp(self, outputs, targets, u):
         return u
 
@@ -166,6 +185,14 @@ class _SigmoidCrossEntropy(Loss):
 
     def sample(self, key, outputs):
         return jax.random.bernoulli(key, jax.nn.sigmoid(outputs)).astype(outputs.dtype)
+
+    def kl(self, outputs_p, outputs_q):
+        # A = softplus, ∇A = sigmoid, per unit: p log(p/q) + (1 − p) log((1 − p)/(1 − q)).
+        p = jax.nn.sigmoid(outputs_p)
+        per_unit = (
+            jax.nn.softplus(outputs_q) - jax.nn.softplus(outputs_p) - p * (outputs_q - outputs_p)
+        )
+        return _sum_per_example(per_unit)
 
     def hessian_vp(self, outputs, targets, u):
         p = jax.nn.sigmoid(outputs)
