@@ -12,6 +12,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from natgrad import layers
+
 
 def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
     """Median wall time of `fn(*args)` (already jitted) after compilation, outputs blocked."""
@@ -37,10 +39,10 @@ def mlp(sizes, key, dtype=jnp.float32):
             }
         )
 
-    def apply(params, x):
+    def apply(params, x):  # layers.dense is x @ w + b, declared to K-FAC
         for layer in params[:-1]:
-            x = jax.nn.relu(x @ layer["w"] + layer["b"])
-        return x @ params[-1]["w"] + params[-1]["b"]
+            x = jax.nn.relu(layers.dense(layer, x))
+        return layers.dense(params[-1], x)
 
     return params, apply
 

@@ -32,8 +32,8 @@ def init(key, sizes=(20, 16, 5)):
 
 def apply(params, x):
     for layer in params[:-1]:
-        x = jnp.tanh(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
+        x = jnp.tanh(natgrad.layers.dense(layer, x))  # declared to K-FAC; plain x @ w + b
+    return natgrad.layers.dense(params[-1], x)
 
 
 def optimizers():

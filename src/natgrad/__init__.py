@@ -1,16 +1,18 @@
 """natgrad: natural-gradient and Hessian-free optimisation for JAX, as optax transformations."""
 
-from natgrad import curvature, damping, losses, preconditioners, sharding, solvers
+from natgrad import curvature, damping, layers, losses, preconditioners, sharding, solvers
 from natgrad.optimizers import (
     HessianFreeState,
     NaturalGradientState,
     hessian_free,
     natural_gradient,
 )
+from natgrad.optimizers.kfac import KFACState, kfac
 
 __all__ = [
     "curvature",
     "damping",
+    "layers",
     "losses",
     "preconditioners",
     "sharding",
@@ -19,5 +21,7 @@ __all__ = [
     "NaturalGradientState",
     "hessian_free",
     "HessianFreeState",
+    "kfac",
+    "KFACState",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,19 @@ transformation:
 
 with g_i the per-example gradients (the diagonal of the empirical Fisher). The exponent α < 1
 tempers the diagonal, which Martens found more robust than α = 1.
+
+Two more diagonals of the GGN G = (1/B) Σ_i J_iᵀ H_i J_i (= the Fisher for natgrad's losses), used
+as M = (max(d, 0) + λ)^α, α = 1 by default (Jacobi):
+
+* ``exact_diagonal``: d = diag(G) exactly. With H_i = Σ_k q_ik q_ikᵀ (the output curvature's
+  square root, K columns per example), d = (1/B) Σ_i Σ_k (J_iᵀ q_ik)²: K backward passes per
+  example, cheap when the output dimension K is small.
+* ``hutchinson_diagonal``: d = (1/S) Σ_s v_s ⊙ (G v_s) with Rademacher probes v_s (entries ±1,
+  drawn from the explicit `key`): unbiased, since E[v vᵀ] = I; S curvature products per step,
+  averaged over steps.
+
+``kfac`` is K-FAC's block-diagonal inverse (`natgrad.kfac_blocks`): Kronecker blocks for the
+dense layers declared with `natgrad.layers.dense`, a diagonal block for the rest.
 """
 
 from __future__ import annotations
@@ -28,10 +41,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from natgrad import curvature, kfac_blocks
+
 __all__ = [
     "Preconditioner",
     "martens_diagonal",
     "empirical_fisher_diagonal",
+    "exact_diagonal",
+    "ggn_diagonal",
+    "hutchinson_diagonal",
+    "hutchinson_estimate",
+    "kfac",
 ]
 
 PyTree = Any
@@ -47,12 +67,8 @@ class Preconditioner(NamedTuple):
     update: Callable[..., tuple[Callable[[PyTree], PyTree], Any]]
 
 
-def empirical_fisher_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -> PyTree:
-    """(1/B) Σ_i g_i ⊙ g_i from per-example gradients g_i, shaped like params.
-
-    A `lax.scan` over examples accumulates the squares, so no B × n array of per-example
-    gradients is ever held. On CPU this costs about 4 gradients for an MLP 784-128-10 at batch
-    128, where `vmap(grad)` costs about 90 (XLA runs its batched outer products slowly).
+def _sum_over_examples(per_example: Callable, params: PyTree, batch) -> PyTree:
+    """(1/B) Σ_i per_example(x_i, y_i) for a params-shaped per_example, by `lax.scan`.
 
     The examples are split into `jax.device_count()` contiguous chunks (1 chunk if that does not
     divide B), scanned side by side under `vmap`: with the batch sharded over a mesh, each device
@@ -63,13 +79,7 @@ def empirical_fisher_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -
     chunks = math.gcd(batch_size, jax.device_count())
 
     def add_example(acc, example):
-        x, y = example
-
-        def nll(p):
-            return loss.nll(apply_fn(p, jax.tree.map(lambda a: a[None], x)), y[None])[0]
-
-        g = jax.grad(nll)(params)
-        return jax.tree.map(lambda s, gi: s + jnp.square(gi), acc, g), None
+        return jax.tree.map(jnp.add, acc, per_example(*example)), None
 
     def scan_chunk(examples):
         total, _ = jax.lax.scan(add_example, jax.tree.map(jnp.zeros_like, params), examples)
@@ -82,23 +92,157 @@ def empirical_fisher_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -
     return jax.tree.map(lambda s: jnp.sum(s, axis=0) / batch_size, totals)
 
 
+def _one(x):
+    return jax.tree.map(lambda a: a[None], x)
+
+
+def empirical_fisher_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -> PyTree:
+    """(1/B) Σ_i g_i ⊙ g_i from per-example gradients g_i, shaped like params.
+
+    A `lax.scan` over examples accumulates the squares, so no B × n array of per-example
+    gradients is ever held. On CPU this costs about 4 gradients for an MLP 784-128-10 at batch
+    128, where `vmap(grad)` costs about 90 (XLA runs its batched outer products slowly).
+    """
+
+    def squared_gradient(x, y):
+        g = jax.grad(lambda p: loss.nll(apply_fn(p, _one(x)), y[None])[0])(params)
+        return jax.tree.map(jnp.square, g)
+
+    return _sum_over_examples(squared_gradient, params, batch)
+
+
+def ggn_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -> PyTree:
+    """diag(G) = (1/B) Σ_i Σ_k (J_iᵀ q_ik)², exactly, shaped like params.
+
+    q_ik are the columns of the output curvature's square root
+    (`natgrad.kfac_blocks.output_curvature_sqrt`): one backward pass per output per example.
+    """
+
+    def squared_columns(x, y):
+        del y  # H_z of natgrad's losses does not depend on the targets
+        outputs, vjp_fn = jax.vjp(lambda p: apply_fn(p, _one(x)), params)
+        columns = jax.vmap(vjp_fn)(kfac_blocks.output_curvature_sqrt(loss, outputs))[0]
+        return jax.tree.map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
+
+    return _sum_over_examples(squared_columns, params, batch)
+
+
+def hutchinson_estimate(op: curvature.Operator, key: jax.Array, num_probes: int) -> PyTree:
+    """(1/S) Σ_s v_s ⊙ (op v_s) for S Rademacher probes v_s: an unbiased estimate of diag(op)."""
+    leaves, treedef = jax.tree.flatten(op.params)
+
+    def probe(k):
+        keys = jax.random.split(k, len(leaves))
+        signs = [
+            jax.random.rademacher(kk, a.shape, a.dtype) for kk, a in zip(keys, leaves, strict=True)
+        ]
+        v = jax.tree.unflatten(treedef, signs)
+        return jax.tree.map(jnp.multiply, v, op.mv(v))
+
+    products = jax.vmap(probe)(jax.random.split(key, num_probes))
+    return jax.tree.map(lambda p: jnp.mean(p, axis=0), products)
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
+        raise ValueError(f"alpha: expected an exponent >= 0, got {alpha!r}")
+    return float(alpha)
+
+
+def _diagonal_inverse(diag: PyTree, damping, alpha: float) -> Callable[[PyTree], PyTree]:
+    """r ↦ r / (max(d, 0) + λ)^α."""
+    scale = jax.tree.map(lambda d: jnp.power(jnp.maximum(d, 0) + damping, alpha), diag)
+    return lambda r: jax.tree.map(lambda a, s: a / s.astype(a.dtype), r, scale)
+
+
 def martens_diagonal(alpha: float = MARTENS_ALPHA) -> Preconditioner:
     """M = (diag(empirical Fisher) + λ)^α, recomputed on every step's batch (stateless)."""
-    if not alpha >= 0:
-        raise ValueError(f"alpha: expected an exponent >= 0, got {alpha}")
+    return _batch_diagonal(empirical_fisher_diagonal, _check_alpha(alpha))
 
-    def init(params):
-        del params
-        return ()
+
+def _stateless(params):
+    del params
+    return ()
+
+
+def exact_diagonal(alpha: float = 1.0) -> Preconditioner:
+    """M = (diag(GGN) + λ)^α, the exact GGN diagonal of every step's batch (stateless)."""
+    return _batch_diagonal(ggn_diagonal, _check_alpha(alpha))
+
+
+def _batch_diagonal(diagonal: Callable, alpha: float) -> Preconditioner:
+    """M = (diagonal(apply_fn, loss, params, batch) + λ)^α, recomputed on every step's batch."""
 
     def update(state, params, batch, *, apply_fn, loss, damping, key=None):
         del key
-        diag = empirical_fisher_diagonal(apply_fn, loss, params, batch)
-        scale = jax.tree.map(lambda d: jnp.power(d + damping, alpha), diag)
+        return _diagonal_inverse(diagonal(apply_fn, loss, params, batch), damping, alpha), state
+
+    return Preconditioner(_stateless, update)
+
+
+def hutchinson_diagonal(
+    num_probes: int = 10, alpha: float = 1.0, ema_decay: float = 0.95
+) -> Preconditioner:
+    """M = (max(d̄, 0) + λ)^α, d̄ a moving average of Hutchinson estimates of diag(GGN).
+
+    Each update draws `num_probes` Rademacher probes; the average over steps (decay
+    `ema_decay`, the first estimate taken as it is; 0 keeps only the current one) adds up the
+    probes of many steps, since a few probes give a noisy diagonal and a noisy diagonal a poor
+    preconditioner. `update` needs ``key=`` (the optimisers pass a split of theirs).
+    """
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"num_probes: expected an integer >= 1, got {num_probes!r}")
+    alpha = _check_alpha(alpha)
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float):
+        raise ValueError(f"ema_decay: expected a number in [0, 1), got {ema_decay!r}")
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay: expected a number in [0, 1), got {ema_decay!r}")
+
+    def init(params):
+        return jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params)
+
+    def update(state, params, batch, *, apply_fn, loss, damping, key=None):
+        if key is None:
+            raise ValueError("key: hutchinson_diagonal draws random probes and needs a PRNG key")
+        count, average = state
+        estimate = hutchinson_estimate(
+            curvature.ggn(apply_fn, loss, params, batch), key, num_probes
+        )
+
+        def fold(old, new):
+            beta = jnp.minimum(ema_decay, count / (count + 1)).astype(old.dtype)
+            return beta * old + (1 - beta) * new
+
+        average = jax.tree.map(fold, average, estimate)
+        return _diagonal_inverse(average, damping, alpha), (count + 1, average)
+
+    return Preconditioner(init, update)
+
+
+def kfac(
+    *, ema_decay: float = 0.95, inverse_every: int = 5, fisher_type: str = "sampled"
+) -> Preconditioner:
+    """K-FAC's block-diagonal approximation of C + λI, inverted (see `natgrad.kfac_blocks`).
+
+    The state holds the factors' moving averages (decay `ema_decay`) and the inverses of the
+    factored-Tikhonov-damped factors, refreshed every `inverse_every` updates with that
+    update's λ. `update` needs ``key=`` unless ``fisher_type="empirical"``.
+    """
+    ema_decay, inverse_every, fisher_type = kfac_blocks.check_options(
+        ema_decay, inverse_every, fisher_type
+    )
+
+    def update(state, params, batch, *, apply_fn, loss, damping, key=None):
+        stats, registered, _ = kfac_blocks.statistics(
+            apply_fn, loss, params, batch, key=key, fisher_type=fisher_type
+        )
+        state = kfac_blocks.update(
+            state, stats, damping, registered, ema_decay=ema_decay, inverse_every=inverse_every
+        )
 
         def apply_inverse(r):
-            return jax.tree.map(lambda a, s: a / s.astype(a.dtype), r, scale)
+            return kfac_blocks.apply_inverse(state, damping, registered, r)
 
         return apply_inverse, state
 
-    return Preconditioner(init, update)
+    return Preconditioner(kfac_blocks.init, update)

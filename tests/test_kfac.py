@@ -1,0 +1,398 @@
+"""K-FAC: layer registration, Kronecker factors against dense float64 oracles, the optimiser."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import natgrad
+from conftest import mlp_params
+from natgrad import curvature, kfac_blocks, layers, losses, preconditioners
+from natgrad.experiments import models
+
+
+def dense_mlp(params, x, act=jnp.tanh):
+    for layer in params[:-1]:
+        x = act(layers.dense(layer, x))
+    return layers.dense(params[-1], x)
+
+
+def plain_mlp(params, x):
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def linear_net(params, x):
+    return dense_mlp(params, x, act=lambda h: h)
+
+
+def kron_positions(params, path):
+    """Ravel positions of one layer's weights in Kronecker order: W row-major, then b."""
+    flat, unravel = ravel_pytree(params)
+    index = unravel(jnp.arange(flat.size, dtype=flat.dtype))
+    layer = path(index)
+    pos = [layer["w"].reshape(-1)] + ([layer["b"]] if "b" in layer else [])
+    return np.concatenate(pos).astype(int)
+
+
+def damped_kron(a, g, lam):
+    tr_a, tr_g = np.trace(a) / a.shape[0], np.trace(g) / g.shape[0]
+    pi = np.sqrt(tr_a / tr_g)
+    return np.kron(a + pi * np.sqrt(lam) * np.eye(len(a)), g + np.sqrt(lam) / pi * np.eye(len(g)))
+
+
+# --- registration ----------------------------------------------------------------------------
+
+
+def test_dense_is_plain_jax_and_a_probe_changes_no_forward_value():
+    params = mlp_params(jax.random.PRNGKey(0), [3, 4, 2])
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+    np.testing.assert_array_equal(dense_mlp(params, x), plain_mlp(params, x))
+    no_bias = {"w": params[0]["w"]}
+    np.testing.assert_array_equal(layers.dense(no_bias, x), x @ no_bias["w"])
+
+    tags = [
+        (jnp.zeros((m + 1, m + 1)), jnp.zeros((n, n))) for _, m, n, _ in layers.find_dense(params)
+    ]
+    record = layers.Record()
+    probed = layers.instrument(params, tags, record)
+    assert isinstance(probed[0], layers.DenseProbe) and probed[0]["w"] is params[0]["w"]
+    np.testing.assert_array_equal(dense_mlp(probed, x), plain_mlp(params, x))
+    assert record.used == {0, 1}
+    # Direct indexing still works on a probe; it just registers nothing.
+    record = layers.Record()
+    np.testing.assert_array_equal(
+        plain_mlp(layers.instrument(params, tags, record), x), plain_mlp(params, x)
+    )
+    assert record.used == set()
+
+
+def test_only_dense_looking_dicts_are_candidates():
+    assert layers.is_dense_params({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
+    assert layers.is_dense_params({"w": jnp.ones((2, 3))})
+    assert not layers.is_dense_params({"w": jnp.ones((2, 3)), "b": jnp.ones(2)})
+    assert not layers.is_dense_params({"w": jnp.ones(3)})
+    assert not layers.is_dense_params({"w": jnp.ones((2, 3)), "scale": jnp.ones(3)})
+    tree = {"a": [{"w": jnp.ones((2, 3)), "b": jnp.ones(3)}], "s": jnp.ones(4)}
+    assert layers.find_dense(tree) == ((0, 2, 3, True),)
+
+
+def test_experiment_models_declare_every_layer_and_compute_the_same():
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 6), jnp.float32)
+    for model in (models.mlp((6, 5, 3)), models.autoencoder((6, 4, 2, 4, 6))):
+        params = model.init(jax.random.PRNGKey(0))
+        batch = (x, model.targets(x, jnp.zeros(4, jnp.int32)))
+        seen = {}
+
+        def stats(p, batch, model=model, seen=seen):
+            f, seen["registered"], _ = kfac_blocks.statistics(
+                model.apply, model.loss, p, batch, key=jax.random.PRNGKey(2)
+            )
+            return f
+
+        jax.eval_shape(stats, params, batch)  # registration is known at trace time
+        assert seen["registered"] == (True,) * len(params)
+    model = models.mlp((6, 5, 3))
+    params = model.init(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(model.apply(params, x), plain_relu(params, x))
+
+
+def plain_relu(params, x):
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+# --- factors against dense oracles ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_linear_layer_kronecker_product_is_the_exact_ggn(bias):
+    key = jax.random.PRNGKey(0)
+    params = {"w": jax.random.normal(key, (3, 2))}
+    if bias:
+        params["b"] = jax.random.normal(jax.random.PRNGKey(1), (2,))
+    x = jax.random.normal(jax.random.PRNGKey(2), (7, 3))
+    y = jax.random.normal(jax.random.PRNGKey(3), (7, 2))
+    loss = losses.squared_error()
+    f, registered, _ = kfac_blocks.statistics(
+        layers.dense, loss, params, (x, y), key=key, fisher_type="exact"
+    )
+    assert registered == (True,) and f.a[0].shape == ((4, 4) if bias else (3, 3))
+    pos = kron_positions(params, lambda p: p)
+    ggn = np.asarray(curvature.ggn(layers.dense, loss, params, (x, y)).to_dense())
+    np.testing.assert_allclose(np.kron(f.a[0], f.g[0]), ggn[np.ix_(pos, pos)], atol=1e-12)
+    assert sorted(pos) == list(range(len(pos)))  # the block is the whole GGN
+
+
+def test_linear_net_blocks_equal_the_fisher_blocks_in_expectation():
+    """In a linear net with squared error, g = W₂ᵀ-backpropagated noise ε ~ N(0, I) independent of
+    the layer inputs, so E[A ⊗ G] is exactly the Fisher's diagonal block."""
+    params = mlp_params(jax.random.PRNGKey(0), [3, 4, 2])
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+    y = jax.random.normal(jax.random.PRNGKey(2), (16, 2))
+    loss = losses.squared_error()
+    fisher = np.asarray(curvature.fisher(linear_net, loss, params, (x, y)).to_dense())
+
+    def blocks(key, fisher_type):
+        f, _, _ = kfac_blocks.statistics(
+            linear_net, loss, params, (x, y), key=key, fisher_type=fisher_type
+        )
+        return [jnp.kron(a, g) for a, g in zip(f.a, f.g, strict=True)]
+
+    exact = blocks(jax.random.PRNGKey(3), "exact")
+    num = 400
+    samples = jax.jit(jax.vmap(lambda k: blocks(k, "sampled")))(
+        jax.random.split(jax.random.PRNGKey(4), num)
+    )
+    for layer in range(2):
+        pos = kron_positions(params, lambda p, layer=layer: p[layer])
+        oracle = fisher[np.ix_(pos, pos)]
+        np.testing.assert_allclose(exact[layer], oracle, atol=1e-12)
+        s = np.asarray(samples[layer])
+        mean, se = s.mean(axis=0), s.std(axis=0, ddof=1) / np.sqrt(num)
+        assert np.abs(oracle).max() > 10 * se.max()  # the test can tell a wrong scale
+        assert np.all(np.abs(mean - oracle) <= 5 * se + 1e-10)
+
+
+def test_applied_inverse_solves_the_damped_kronecker_system_densely():
+    """Two tanh layers registered, one extra parameter on a diagonal block."""
+    params = {"mlp": mlp_params(jax.random.PRNGKey(0), [3, 4, 2]), "scale": jnp.ones(2)}
+
+    def apply(p, x):
+        return p["scale"] * dense_mlp(p["mlp"], x)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+    y = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 2)
+    loss, lam = losses.softmax_cross_entropy(), 1e-2
+    pre = preconditioners.kfac(inverse_every=1, ema_decay=0.5)
+    flat, unravel = ravel_pytree(params)
+    v = jax.random.normal(jax.random.PRNGKey(5), flat.shape)
+
+    @jax.jit
+    def two_updates(params):  # the second averages and refreshes
+        state = pre.init(params)
+        for i in range(2):
+            apply_inverse, state = pre.update(
+                state,
+                params,
+                (x, y),
+                apply_fn=apply,
+                loss=loss,
+                damping=lam,
+                key=jax.random.PRNGKey(i),
+            )
+        return state, ravel_pytree(apply_inverse(unravel(v)))[0]
+
+    state, got = two_updates(params)
+    m = np.diag(np.asarray(ravel_pytree(state.factors.diag)[0]) + lam)
+    for layer in range(2):
+        pos = kron_positions(params, lambda p, layer=layer: p["mlp"][layer])
+        a, g = np.asarray(state.factors.a[layer]), np.asarray(state.factors.g[layer])
+        m[np.ix_(pos, pos)] = damped_kron(a, g, lam)
+    np.testing.assert_allclose(got, np.linalg.solve(m, v), rtol=1e-9, atol=1e-12)
+
+
+# --- the optimiser -----------------------------------------------------------------------------
+
+
+def train_step(opt, apply_fn, loss):
+    @jax.jit
+    def step(params, state, batch, key):
+        value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, batch[0]), batch[1]))(
+            params
+        )
+        updates, state = opt.update(grads, state, params, batch=batch, key=key)
+        return optax.apply_updates(params, updates), state, value
+
+    return step
+
+
+def test_kfac_trains_a_small_mnist_mlp_under_jit():
+    data = pytest.importorskip("natgrad.experiments.data").load_dataset("mnist-5k")
+    model = models.mlp((784, 32, 10))
+    params = model.init(jax.random.PRNGKey(0))
+    opt = natgrad.kfac(model.apply, model.loss)
+    state = opt.init(params)
+    step = train_step(opt, model.apply, model.loss)
+    x, y = jnp.asarray(data.x_train[:1024]), jnp.asarray(data.y_train[:1024])
+    values = []
+    for i in range(40):
+        sl = slice(128 * (i % 8), 128 * (i % 8 + 1))
+        params, state, value = step(params, state, (x[sl], y[sl]), jax.random.PRNGKey(i))
+        values.append(float(value))
+    assert int(state.rejected_steps) == 0 and int(state.registered_layers) == 2
+    assert np.mean(values[-8:]) < 0.4 * np.mean(values[:2])
+    assert 0 < float(state.step_kl) <= 1e-3 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"momentum": 0.5},
+        {"damping": natgrad.damping.levenberg_marquardt(1e-2)},
+        {"fisher_type": "exact"},
+        {"fisher_type": "empirical"},
+    ],
+)
+def test_kfac_variants_take_finite_steps_that_lower_the_loss(options):
+    params = mlp_params(jax.random.PRNGKey(0), [4, 6, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
+    y = jnp.argmax(x[:, :3], axis=1)
+    loss = losses.softmax_cross_entropy()
+    opt = natgrad.kfac(dense_mlp, loss, kl_radius=1e-2, **options)
+    state, step = opt.init(params), train_step(opt, dense_mlp, loss)
+    values = []
+    for i in range(4):
+        params, state, value = step(params, state, (x, y), jax.random.PRNGKey(i))
+        values.append(float(value))
+    assert int(state.rejected_steps) == 0 and values[-1] < values[0]
+    if "damping" in options:
+        assert np.isfinite(float(state.rho))
+
+
+def test_unregistered_layers_fall_back_to_a_diagonal_block():
+    params = mlp_params(jax.random.PRNGKey(0), [3, 4, 2])
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+    y = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 2)
+    loss = losses.softmax_cross_entropy()
+
+    def half(p, x):  # first layer declared, second written by hand
+        return jnp.tanh(layers.dense(p[0], x)) @ p[1]["w"] + p[1]["b"]
+
+    for apply, count in ((plain_mlp, 0), (half, 1), (dense_mlp, 2)):
+        opt = natgrad.kfac(apply, loss)
+        state = train_step(opt, apply, loss)(
+            params, opt.init(params), (x, y), jax.random.PRNGKey(3)
+        )[1]
+        assert int(state.registered_layers) == count
+        diag = state.curvature.factors.diag
+        assert bool(jnp.all(diag[1]["w"] > 0)) == (count < 2)
+        assert bool(jnp.all(diag[0]["w"] == 0)) == (count >= 1)
+    # The diagonal block alone: Δ = g / (d + λ).
+    curv = kfac_blocks.init(params)
+    curv = curv._replace(factors=curv.factors._replace(diag=jax.tree.map(jnp.ones_like, params)))
+    out = kfac_blocks.apply_inverse(curv, 1.0, (False, False), jax.tree.map(jnp.ones_like, params))
+    for leaf in jax.tree.leaves(out):
+        np.testing.assert_allclose(leaf, 0.5)
+
+
+def test_a_nan_batch_leaves_params_and_state_unchanged():
+    params = mlp_params(jax.random.PRNGKey(0), [3, 4, 2])
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+    y = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 2)
+    loss = losses.softmax_cross_entropy()
+    opt = natgrad.kfac(dense_mlp, loss)
+    step = train_step(opt, dense_mlp, loss)
+    params1, state, _ = step(params, opt.init(params), (x, y), jax.random.PRNGKey(0))
+    params2, state2, _ = step(params1, state, (x.at[0, 0].set(jnp.nan), y), jax.random.PRNGKey(1))
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(state.curvature), jax.tree.leaves(state2.curvature), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert int(state2.rejected_steps) == 1 and float(state2.step_size) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"kl_radius": 0.0}, "kl_radius"),
+        ({"damping": 0.0}, "damping"),
+        ({"damping": "big"}, "damping"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"inverse_every": 0}, "inverse_every"),
+        ({"inverse_every": 2.5}, "inverse_every"),
+        ({"fisher_type": "ggn"}, "fisher_type"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        natgrad.kfac(dense_mlp, losses.softmax_cross_entropy(), **kwargs)
+
+
+def test_bad_calls_raise_value_error_naming_the_argument():
+    params = mlp_params(jax.random.PRNGKey(0), [3, 4, 2])
+    x, y = jnp.ones((4, 3)), jnp.zeros(4, jnp.int32)
+    loss = losses.softmax_cross_entropy()
+    with pytest.raises(ValueError, match="loss"):
+        natgrad.kfac(dense_mlp, "cross-entropy")
+    opt = natgrad.kfac(dense_mlp, loss)
+    state = opt.init(params)
+
+    def update(opt, **kwargs):
+        return jax.jit(lambda p: opt.update(p, state, p, **kwargs))(params)
+
+    with pytest.raises(ValueError, match="key"):
+        update(opt, batch=(x, y))
+    with pytest.raises(ValueError, match="batch"):
+        update(opt, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="targets"):
+        update(opt, batch=(x, y + 5), key=jax.random.PRNGKey(0))
+    empirical = natgrad.kfac(dense_mlp, loss, fisher_type="empirical")
+    update(empirical, batch=(x, y))  # the empirical Fisher needs no key
+
+
+# --- K-FAC as a preconditioner; flax --------------------------------------------------------
+
+
+def test_kfac_preconditioner_in_natural_gradient_and_hessian_free():
+    params = mlp_params(jax.random.PRNGKey(0), [4, 6, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
+    y = jnp.argmax(x[:, :3], axis=1)
+    loss = losses.softmax_cross_entropy()
+    for opt in (
+        natgrad.natural_gradient(dense_mlp, loss, preconditioner=preconditioners.kfac()),
+        natgrad.hessian_free(dense_mlp, loss, preconditioner=preconditioners.kfac(), maxiter=10),
+    ):
+        state, step = opt.init(params), train_step(opt, dense_mlp, loss)
+        p, values = params, []
+        for i in range(2):
+            p, state, value = step(p, state, (x, y), jax.random.PRNGKey(i))
+            values.append(float(value))
+        assert int(state.rejected_steps) == 0 and values[-1] < values[0]
+
+
+def test_a_flax_mlp_registers_its_layers_and_gets_the_plain_jax_update():
+    nn = pytest.importorskip("flax.linen")
+
+    class Dense(nn.Module):
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+            self.param("b", nn.initializers.normal(0.1), (self.features,))
+            return layers.dense(self.variables["params"], x)
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = jnp.tanh(Dense(4)(x))  # Dense_0
+            return Dense(2)(h)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+    y = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 2)
+    module, loss = MLP(), losses.softmax_cross_entropy()
+    variables = module.init(jax.random.PRNGKey(0), x)
+    same = [variables["params"][f"Dense_{i}"] for i in range(2)]  # the same weights, plain JAX
+
+    def update(apply, params):
+        opt = natgrad.kfac(apply, loss, inverse_every=1)
+        grads = jax.grad(lambda p: loss.mean(apply(p, x), y))(params)
+        return opt.update(grads, opt.init(params), params, batch=(x, y), key=jax.random.PRNGKey(3))
+
+    flax_updates, flax_state = jax.jit(lambda v: update(module.apply, v))(variables)
+    plain_updates, _ = jax.jit(lambda p: update(dense_mlp, p))(same)
+    assert int(flax_state.registered_layers) == 2
+    for i in range(2):
+        for k in ("w", "b"):
+            np.testing.assert_allclose(
+                flax_updates["params"][f"Dense_{i}"][k], plain_updates[i][k], rtol=1e-10
+            )
