@@ -29,6 +29,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         module.main(["--out", args.out] + (["--quick"] if args.quick else []))
         print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+    from benchmarks import report
+
+    report.main(["--out", args.out])  # REPORT.md over every JSON now in --out
     return 0
 
 

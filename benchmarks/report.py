@@ -1,0 +1,485 @@
+"""REPORT.md and plots from the benchmark JSONs in one directory.
+
+``python -m benchmarks.report [--out results/bench]`` (re)writes ``REPORT.md`` from every JSON
+there: the time-to-target tables with their goals met / not met, where the time goes, and the
+grids (``time_to_target.json``), then a summary of ``curvature.json``, ``steps.json``,
+``kfac.json``, ``sharding.json`` and any other ``*.json``; plus PNG plots of the time-to-target
+curves against time and against steps. `benchmarks.time_to_target` calls `write` at its end;
+run this module again after the last benchmark so that every JSON is summarised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["write", "markdown", "plot_task", "main"]
+
+REPORT_NAME = "REPORT.md"
+KNOWN = ("time_to_target", "curvature", "steps", "kfac", "sharding")
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: None as an em dash, booleans as yes/no, floats to `digits` significant
+    digits (whole numbers from 10^digits on)."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        text = f"{value:.{digits}g}"
+        return f"{value:.0f}" if "e+" in text else text
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt(v, digits) for v in value)
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A markdown table; cells that are not strings go through `fmt`."""
+    cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in cells),
+        "",
+    ]
+
+
+def met(value: bool | None) -> str:
+    return {True: "**met**", False: "not met", None: "undecided"}[value]
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+# --------------------------------------------------------------------------------------------
+# Time to target
+
+
+def _reached(row: dict, field: str, config: str) -> str:
+    if row[field] is None:
+        return f"not reached (ran {fmt(row['ran_seconds'])} s, {row['ran_steps']} steps)"
+    return f"{fmt(row[field])} ({row[config]})"
+
+
+def _time_split(summary: dict, name: str | None, reference: str) -> str:
+    """Where a time ratio comes from: ours ÷ reference's = (steps ratio) × (per-step ratio),
+    both for the configs that reached the target fastest."""
+    rows = summary["optimizers"]
+    ours, ref = rows.get(name or "", {}), rows.get(reference, {})
+    if not (ours.get("steps") and ref.get("steps") and ours.get("seconds") and ref.get("seconds")):
+        return ""
+    steps = ours["steps"] / ref["steps"]
+    per_step = (ours["seconds"] / ours["steps"]) / (ref["seconds"] / ref["steps"])
+    return f"{fmt(steps, 2)}× the steps × {fmt(per_step, 2)}× the time per step"
+
+
+def _goal_rows(payload: dict) -> list[list[Any]]:
+    """[task, target, measure, best natgrad, value, goal, met, why] per goal."""
+    rows = []
+    for name, task in payload["classifier"].items():
+        for s in task["summary"]:
+            target = f"{100 * s['target']:g} % test acc."
+            for kind, what in (("time", "time / Adam's"), ("steps", "steps / SGD+m's")):
+                g = s["goals"][kind]
+                why = _time_split(s, g["natgrad"], "adam") if kind == "time" else ""
+                row = [f"MLP {name}", target, what, g["natgrad"], g["ratio"]]
+                rows.append(row + [f"≤ {fmt(g['limit'])}", met(g["met"]), why])
+    ae = payload.get("autoencoder")
+    if ae and ae["summary"]["goals"]:
+        s = ae["summary"]
+        target = f"loss {fmt(ae['target'], 4)} (SGD+m's best)"
+        for kind, what in (("time", "SGD+m's s ÷ s"), ("steps", "SGD+m's updates ÷ updates")):
+            g = s["goals"][kind]
+            why = _time_split(s, g["natgrad"], "sgd") if kind == "time" else ""
+            row = ["autoencoder", target, what, g["natgrad"], g["speedup"]]
+            rows.append(row + [f"≥ {fmt(g['speedup_goal'])}", met(g["met"]), why])
+    return rows
+
+
+def _target_table(summary: dict, unit: str, ratios: dict[str, str]) -> list[str]:
+    """Per optimiser: its fastest config's seconds and steps, its fewest steps over its grid,
+    and the two `ratios` (field: header), time first."""
+    (time_ratio, time_header), (steps_ratio, steps_header) = ratios.items()
+    rows = [
+        [opt, _reached(r, "seconds", "config"), r["steps"], r[time_ratio]]
+        + [_reached(r, "fewest_steps", "fewest_steps_config"), r[steps_ratio]]
+        for opt, r in summary["optimizers"].items()
+    ]
+    header = ["optimizer", "seconds (fastest config)", f"its {unit}", time_header]
+    return table(header + [f"fewest {unit} (config)", steps_header], rows)
+
+
+def _classifier_section(name: str, task: dict, plot: str | None) -> list[str]:
+    lines = [
+        f"### MLP {name}",
+        "",
+        f"Budget per run: {task['step_budget']} steps or {fmt(task['seconds_budget'])} s of "
+        f"training; metric: accuracy on the {task['metric'].split('_')[0]} set.",
+        "",
+    ]
+    for s in task["summary"]:
+        lines += [f"Target {100 * s['target']:g} %:", ""]
+        ratios = {"seconds_over_adam": "time / Adam", "fewest_steps_over_sgd": "steps / SGD+m"}
+        lines += _target_table(s, "steps", ratios)
+    if plot:
+        lines += [f"![MLP {name}]({plot})", ""]
+    return lines
+
+
+def _autoencoder_section(ae: dict, plot: str | None) -> list[str]:
+    summary = ae["summary"]
+    paper = summary.get("kfac_paper") or {}
+    lines = [
+        f"### Autoencoder {'-'.join(str(s) for s in ae['model'])}",
+        "",
+        f"Budget per run: {ae['step_budget']} steps or {fmt(ae['seconds_budget'])} s of training. "
+        f"Metric: mean Bernoulli cross-entropy on {ae['eval_images']} training images. "
+        f"Target: SGD+momentum's best, {fmt(ae['target'], 4)}. "
+        f"K-FAC's authors report {fmt(paper.get('fewer_seconds'))}× fewer seconds and "
+        f"{fmt(paper.get('fewer_updates'))}× fewer updates than "
+        "SGD+momentum (Martens & Grosse 2015, on larger autoencoders and growing batches).",
+        "",
+    ]
+    ratios = {"fewer_seconds": "SGD+m s ÷ s", "fewer_updates": "SGD+m updates ÷ updates"}
+    lines += _target_table(summary, "updates", ratios)
+    if plot:
+        lines += [f"![autoencoder]({plot})", ""]
+    return lines
+
+
+def _costs_section(payload: dict) -> list[str]:
+    tasks = {f"MLP {k}": v for k, v in payload["classifier"].items()}
+    if payload.get("autoencoder"):
+        tasks["autoencoder"] = payload["autoencoder"]
+    rows = []
+    for label, task in tasks.items():
+        for opt, c in task["step_costs"].items():
+            step_ms = None if c["step_seconds"] is None else 1e3 * c["step_seconds"]
+            rows.append([label, opt, step_ms, c["step_over_adam"], c["mean_cg_iterations"]])
+            rows[-1] += [c["compile_seconds"], c["train_seconds"], c["eval_seconds"]]
+    totals = {
+        k: sum(r[k] for t in tasks.values() for r in t["runs"])
+        for k in ("train_seconds", "compile_seconds", "eval_seconds")
+    }
+    header = ["task", "optimizer", "ms / step", "step / Adam's", "CG iters / step"]
+    return [
+        "### Where the time goes",
+        "",
+        "Median training-step time over an optimiser's runs (chunks of "
+        f"{payload['settings']['chunk']} steps in one compiled call), its ratio to Adam's, the "
+        "mean CG iterations per step, the median compile time, and the training and evaluation "
+        "seconds summed over its runs.",
+        "",
+        *table(header + ["compile s", "train s (all runs)", "eval s (all runs)"], rows),
+        f"Whole benchmark: {fmt(payload['total_seconds'])} s = {fmt(totals['train_seconds'])} s "
+        f"training + {fmt(totals['compile_seconds'])} s compiling + "
+        f"{fmt(totals['eval_seconds'])} s evaluating + data and set-up.",
+        "",
+    ]
+
+
+def _grids_section(payload: dict) -> list[str]:
+    rows = [
+        [task, opt, g["knob"], fmt(g["values"]), json.dumps(g["fixed"]) if g["fixed"] else ""]
+        for task, grids in payload["grids"].items()
+        for opt, g in grids.items()
+    ]
+    return [
+        "### Grids",
+        "",
+        "Each optimiser runs every value of its grid; the tables above show the best per target. "
+        "Hyperparameters not listed are the factory's defaults.",
+        "",
+        *table(["task", "optimizer", "knob", "values", "fixed"], rows),
+    ]
+
+
+def time_to_target_section(payload: dict, plots: dict[str, str]) -> list[str]:
+    if payload.get("skipped"):
+        return [f"Skipped: {payload.get('reason')}", ""]
+    ds = payload["dataset"]
+    lines = [
+        f"{ds['name']}, {ds['num_train']} training / {ds['num_test']} test examples, batch "
+        f"{payload['settings']['batch_size']}, seed {payload['seed']}, K-FAC "
+        f"{'included' if payload['has_kfac'] else 'not available (natgrad.kfac missing)'}. "
+        f"{payload['note']}.",
+        "",
+        "### Goals",
+        "",
+        "The best natgrad optimiser (natural gradient, Hessian-free, K-FAC) against the tuned "
+        "first-order reference; steps are read at the evaluation points, so within "
+        f"{fmt(100 * (payload['settings']['eval_growth'] - 1), 2)} % of the true count. The last "
+        "column splits a time ratio into its steps ratio and its per-step cost ratio.",
+        "",
+        *table(
+            ["task", "target", "measure", "best natgrad", "value", "goal", "met", "time ratio ="],
+            _goal_rows(payload),
+        ),
+    ]
+    for name, task in payload["classifier"].items():
+        lines += _classifier_section(name, task, plots.get(name))
+    if payload.get("autoencoder"):
+        lines += _autoencoder_section(payload["autoencoder"], plots.get("autoencoder"))
+    return lines + _costs_section(payload) + _grids_section(payload)
+
+
+# --------------------------------------------------------------------------------------------
+# The other benchmarks
+
+
+def curvature_section(p: dict) -> list[str]:
+    rows = [
+        [n, r["product_over_grad"], r["build_over_grad"], r["single_call_over_grad"]]
+        + [r["target"], r["meets_target"]]
+        for n, r in p["operators"].items()
+    ]
+    header = ["operator", "product / grad", "build / grad", "single call / grad", "target"]
+    return [
+        f"MLP {fmt(p['model'])}, batch {p['batch_size']}, {p['dtype']}: one curvature-vector "
+        "product in units of one gradient.",
+        "",
+        *table(header + ["met"], rows),
+    ]
+
+
+def steps_section(p: dict) -> list[str]:
+    lines = []
+    for m in p["models"]:
+        rows = [
+            [n, r["step_over_sgd"], r["step_over_grad"], r.get("cg_iterations")]
+            + [r.get("budget_2_plus_1.2k"), r.get("within_budget")]
+            for n, r in m["optimizers"].items()
+        ]
+        header = ["optimizer", "step / SGD's", "step / grad", "CG iters", "budget 2+1.2k"]
+        lines += [f"MLP {fmt(m['model'])}, batch {m['batch_size']}:", ""]
+        lines += table(header + ["within"], rows)
+    return lines
+
+
+def sharding_section(p: dict) -> list[str]:
+    rows = [[r["devices"], r["step_seconds"], r["examples_per_second"]] for r in p["runs"]]
+    est = p["estimate_100M_params_8_devices"]
+    return [
+        f"MLP {fmt(p['model'])}, batch {p['batch_size']}, {p['optimizer']}. {p['note']}.",
+        "",
+        *table(["devices", "step s", "examples / s"], rows),
+        f"Throughput 4 devices / 1: {fmt(p['throughput_4_over_1'])}. Estimate for 100M "
+        f"parameters on 8 devices: {fmt(est['bytes_per_device_per_cg_iteration'] / 1e6)} MB per "
+        f"device per CG iteration, {est['allreduces_per_step']} all-reduces per step.",
+        "",
+    ]
+
+
+def _is_cell(value: Any) -> bool:
+    """A scalar or a list of scalars: what fits in one table cell."""
+    return _is_scalar(value) or (isinstance(value, list) and all(map(_is_scalar, value)))
+
+
+def _records(value: Any, path: str, out: list[tuple[str, list[dict]]]) -> None:
+    """Collect (path, rows) for every table nested in `value`: a dict of dicts gives one row
+    per key, a list of dicts one row per item, any other dict one row; the rows keep the fields
+    that fit in a cell, and the other fields are searched the same way."""
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        records = [({"": k}, v, f"{path}.{k}") for k, v in value.items()]
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        records = [({}, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        records = [({}, value, path)]
+    else:
+        return
+    rows = [{**key, **{c: x for c, x in v.items() if _is_cell(x)}} for key, v, _ in records]
+    if any(len(r) > len(key) for r, (key, _, _) in zip(rows, records, strict=True)):
+        out.append((path, rows))
+    for _, v, where in records:
+        for c, x in v.items():
+            if not _is_cell(x):
+                _records(x, f"{where}.{c}", out)
+
+
+def generic_section(p: dict) -> list[str]:
+    """Any JSON: its top-level scalars, then a table for each nested dict or list of records."""
+    p = {k: v for k, v in p.items() if k not in ("benchmark", "machine")}
+    lines = [f"- {k}: {fmt(v)}" for k, v in p.items() if _is_cell(v)]
+    lines += [""] if lines else []
+    found: list[tuple[str, list[dict]]] = []
+    for key, value in p.items():
+        if not _is_cell(value):
+            _records(value, key, found)
+    for path, rows in found:
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        lines += [f"{path}:", "", *table(columns, [[r.get(c) for c in columns] for r in rows])]
+    return lines
+
+
+SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
+    "curvature": ("Curvature products", curvature_section),
+    "steps": ("Optimiser steps", steps_section),
+    "kfac": ("K-FAC", generic_section),
+    "sharding": ("Sharding", sharding_section),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+
+def _representative(task: dict, name: str, higher_is_better: bool) -> dict:
+    """The run to plot for optimiser `name`: its fastest config on the hardest target it
+    reached, else its run with the best metric."""
+    mine = [r for r in task["runs"] if r["optimizer"] == name]
+    summaries = task["summary"] if isinstance(task["summary"], list) else [task["summary"]]
+    for s in reversed(summaries):
+        config = s["optimizers"].get(name, {}).get("config")
+        if config is not None:
+            return next(r for r in mine if r["config"] == config)
+    sign = 1.0 if higher_is_better else -1.0
+
+    def best(run):
+        values = [sign * m for m in run["curve"]["metric"] if m is not None]
+        return max(values, default=-math.inf)
+
+    return max(mine, key=best)
+
+
+def plot_task(task: dict, path: str, title: str, *, higher_is_better: bool) -> str:
+    """Metric vs training seconds and vs steps (log scales), one line per optimiser (the run
+    `_representative` picks); the targets dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r["optimizer"] for r in task["runs"]):
+        run = _representative(task, name, higher_is_better)
+        c = run["curve"]
+        points = zip(c["step"], c["seconds"], c["metric"], strict=True)
+        points = [p for p in points if p[0] > 0 and p[2] is not None]
+        if not points:
+            continue
+        steps, secs, metric = zip(*points, strict=True)
+        label = f"{name} ({run['config']})"
+        axes[0].plot(secs, metric, marker=".", label=label)
+        axes[1].plot(steps, metric, marker=".", label=label)
+    summaries = task["summary"] if isinstance(task["summary"], list) else [task["summary"]]
+    for ax, xlabel in zip(axes, ("training seconds", "steps"), strict=True):
+        for s in summaries:
+            if s["target"] is not None:
+                ax.axhline(s["target"], color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        if not higher_is_better:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(task["metric"].replace("_", " "))
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plots(payload: dict, out_dir: str) -> dict[str, str]:
+    """Plot each task; {task name: PNG file name}."""
+    plots = {}
+    for name, task in payload["classifier"].items():
+        file = f"time_to_target_mlp_{name}.png"
+        plot_task(task, os.path.join(out_dir, file), f"MLP {name}", higher_is_better=True)
+        plots[name] = file
+    ae = payload.get("autoencoder")
+    if ae and ae["target"] is not None:
+        file = "time_to_target_autoencoder.png"
+        title = f"Autoencoder {'-'.join(str(s) for s in ae['model'])}"
+        plot_task(ae, os.path.join(out_dir, file), title, higher_is_better=False)
+        plots["autoencoder"] = file
+    return plots
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def _load(out_dir: str) -> dict[str, dict]:
+    payloads = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
+        with open(path) as f:
+            try:
+                payload = json.load(f)
+            except json.JSONDecodeError:
+                continue
+        if isinstance(payload, dict):
+            payloads[os.path.splitext(os.path.basename(path))[0]] = payload
+    return payloads
+
+
+def _stamp(out_dir: str, name: str, payload: dict) -> str:
+    mtime = os.path.getmtime(os.path.join(out_dir, f"{name}.json"))
+    when = datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
+    mode = f", {payload['mode']} mode" if "mode" in payload else ""
+    return f"_{name}.json, written {when}{mode}_"
+
+
+def markdown(payloads: dict[str, dict], out_dir: str, plots: dict[str, str]) -> str:
+    """The report's text for `payloads` ({JSON name without .json: content})."""
+    machine = next((p["machine"] for p in payloads.values() if "machine" in p), None)
+    lines = ["# natgrad benchmarks", ""]
+    if machine:
+        lines += [
+            f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, "
+            f"JAX {machine.get('jax')} ({machine.get('backend')}).",
+            "",
+        ]
+    if not payloads:
+        lines += ["No benchmark JSON found.", ""]
+    order = [n for n in KNOWN if n in payloads] + [n for n in payloads if n not in KNOWN]
+    for name in order:
+        payload = payloads[name]
+        title, render = SECTIONS.get(name, (name, generic_section))
+        if name == "time_to_target":
+            title, render = "Time to target", lambda p: time_to_target_section(p, plots)
+        lines += [f"## {title}", "", _stamp(out_dir, name, payload), ""]
+        try:
+            lines += render(payload)
+        except (KeyError, TypeError, ValueError, StopIteration) as err:
+            lines += [f"(unexpected layout, {type(err).__name__}: {err}; shown generically)", ""]
+            lines += generic_section(payload)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write(out_dir: str) -> list[str]:
+    """Write REPORT.md (and the time-to-target plots) from the JSONs in `out_dir`; the paths."""
+    payloads = _load(out_dir)
+    ttt = payloads.get("time_to_target")
+    plots = _plots(ttt, out_dir) if ttt and not ttt.get("skipped") else {}
+    path = os.path.join(out_dir, REPORT_NAME)
+    with open(path, "w") as f:
+        f.write(markdown(payloads, out_dir, plots))
+    return [path] + [os.path.join(out_dir, p) for p in plots.values()]
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/bench")
+    args = parser.parse_args(argv)
+    written = write(args.out)
+    print("wrote " + ", ".join(written))
+    return written
+
+
+if __name__ == "__main__":
+    main()
