@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from natgrad import _tree, curvature, solvers
 from natgrad.damping import REJECT_FACTOR, DampingRule
@@ -129,3 +130,19 @@ def reduction_ratio(actual, predicted) -> jax.Array:
     rho = actual / predicted
     bad = ~jnp.isfinite(actual) | ~jnp.isfinite(rho) | (predicted >= 0)
     return jnp.where(bad, -jnp.inf, rho)
+
+
+def trial_rho(
+    rule: DampingRule, *, apply_fn, loss, params, updates, batch, eval_batch, f0, predicted, dtype
+):
+    """(ρ, f1 finite) for the damping rule: the loss after the step on `eval_batch` (default:
+    the batch) against the model's `predicted` change. `f0` is the loss before the step on the
+    batch, reused when there is no separate evaluation batch. ρ is NaN when the rule does not
+    use it (no extra forward pass then)."""
+    if not rule.needs_rho:
+        return jnp.asarray(jnp.nan, dtype), jnp.asarray(True)
+    inputs, targets = batch if eval_batch is None else eval_batch
+    if eval_batch is not None:
+        f0 = loss.mean(apply_fn(params, inputs), targets)
+    f1 = loss.mean(apply_fn(optax.apply_updates(params, updates), inputs), targets)
+    return reduction_ratio(f1 - f0, predicted).astype(dtype), jnp.isfinite(f1)

@@ -164,18 +164,19 @@ def kfac(
             & jnp.isfinite(quad)
             & jnp.isfinite(alpha)
         )
-        if rule.needs_rho:
-            inputs, targets = batch if eval_batch is None else eval_batch
-            f0 = (
-                loss.mean(outputs, batch[1])
-                if eval_batch is None
-                else loss.mean(apply_fn(params, inputs), targets)
-            )
-            f1 = loss.mean(apply_fn(optax.apply_updates(params, updates), inputs), targets)
-            finite = finite & jnp.isfinite(f1)
-            rho = _shared.reduction_ratio(f1 - f0, predicted).astype(lam.dtype)
-        else:
-            rho = jnp.asarray(jnp.nan, lam.dtype)
+        rho, f1_finite = _shared.trial_rho(
+            rule,
+            apply_fn=apply_fn,
+            loss=loss,
+            params=params,
+            updates=updates,
+            batch=batch,
+            eval_batch=eval_batch,
+            f0=loss.mean(outputs, batch[1]),
+            predicted=predicted,
+            dtype=lam.dtype,
+        )
+        finite = finite & f1_finite
 
         accepted = finite
         new_state = KFACState(

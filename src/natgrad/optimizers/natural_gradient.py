@@ -219,18 +219,19 @@ def natural_gradient(
             & jnp.isfinite(scs)
             & (res.status != NONFINITE)
         )
-        if rule.needs_rho:
-            inputs, targets = batch if eval_batch is None else eval_batch
-            f0 = (
-                op.loss_value
-                if eval_batch is None
-                else loss.mean(apply_fn(params, inputs), targets)
-            )
-            f1 = loss.mean(apply_fn(optax.apply_updates(params, updates), inputs), targets)
-            finite = finite & jnp.isfinite(f1)
-            rho = _shared.reduction_ratio(f1 - f0, predicted).astype(lam.dtype)
-        else:
-            rho = jnp.asarray(jnp.nan, lam.dtype)
+        rho, f1_finite = _shared.trial_rho(
+            rule,
+            apply_fn=apply_fn,
+            loss=loss,
+            params=params,
+            updates=updates,
+            batch=batch,
+            eval_batch=eval_batch,
+            f0=op.loss_value,
+            predicted=predicted,
+            dtype=lam.dtype,
+        )
+        finite = finite & f1_finite
 
         accepted = finite
         new_state = NaturalGradientState(
