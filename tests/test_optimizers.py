@@ -268,12 +268,27 @@ def test_momentum_and_preconditioner_train():
 
 
 def test_hessian_free_trains_a_small_mlp():
+    """Full-batch, Martens' recipe as published: LM damping with no floor."""
     params, batch = small_mlp_problem(6)
-    opt = natgrad.hessian_free(mlp_apply, CE, maxiter=30)
+    martens = natgrad.damping.levenberg_marquardt(1.0)
+    opt = natgrad.hessian_free(mlp_apply, CE, maxiter=30, damping=martens)
     _, state, values = train(opt, params, batch, 15)
     assert values[-1] < 0.5 * values[0]
     assert all(b <= a + 1e-12 for a, b in zip(values, values[1:], strict=False))  # monotone
     assert int(state.cg_iterations) >= 1
+
+
+def test_hessian_free_default_damping_has_a_floor():
+    """The default LM rule never takes λ below MIN_DAMPING (mini-batch robustness), and still
+    decreases the loss monotonically on a full batch."""
+    from natgrad.optimizers.hessian_free import MIN_DAMPING
+
+    params, batch = small_mlp_problem(6)
+    opt = natgrad.hessian_free(mlp_apply, CE, maxiter=30)
+    _, state, values = train(opt, params, batch, 15)
+    assert float(state.damping) == pytest.approx(MIN_DAMPING)  # ρ > ¾ pushed it to the floor
+    assert values[-1] < 0.6 * values[0]
+    assert all(b <= a + 1e-12 for a, b in zip(values, values[1:], strict=False))
 
 
 def test_hessian_free_rejects_a_step_that_cannot_decrease_the_loss():

@@ -45,6 +45,12 @@ ARMIJO_C = 1e-2  # sufficient-decrease constant (Martens & Sutskever 2012, §8.8
 ARMIJO_SHRINK = 0.8  # step shrink factor of the line search (ibid.)
 MAX_LINESEARCH = 20  # 0.8²⁰ ≈ 0.012: smaller steps are not worth a forward pass each
 INITIAL_DAMPING = 1.0  # λ₀; LM adapts it within a few steps
+# λ's floor. Hessian-free has no KL bound on its step: LM, seeing ρ > ¾ on batches the model
+# already fits, shrinks λ until the steps overshoot on the next batches. Measured on MNIST-5k,
+# 784-128-10, batch 128 (`natgrad compare`), test accuracy after 2 / 6 epochs: no floor 80.9 / —,
+# floor 0.1: 83.4 / 95.2, 0.3: 89.8 / 95.4, 0.5: 91.5 / 95.1, 1.0: 92.0 / 94.1. Martens (2010)
+# used large batches, where a lower λ pays off: pass your own rule there.
+MIN_DAMPING = 0.5
 
 
 class HessianFreeState(NamedTuple):
@@ -80,7 +86,8 @@ def hessian_free(
 
     Args:
       apply_fn, loss: the model and its declared loss, as in `natural_gradient`.
-      damping: a `natgrad.damping` rule or a fixed λ; default ``levenberg_marquardt(1.0)``.
+      damping: a `natgrad.damping` rule or a fixed λ; default
+        ``levenberg_marquardt(1.0, min_damping=0.5)`` (see `MIN_DAMPING`).
       maxiter: CG iterations at most per step (Martens used up to 250 on GPUs).
       curvature: ``"ggn"`` (Martens' choice); any `natgrad.curvature.CURVATURES` name works.
       preconditioner: ``"martens"`` (default), None, or a `Preconditioner`.
@@ -94,7 +101,8 @@ def hessian_free(
         raise ValueError(
             f"curvature: expected one of {curvature_lib.CURVATURES}, got {curvature!r}"
         )
-    rule = as_rule(levenberg_marquardt(INITIAL_DAMPING) if damping is None else damping)
+    default = levenberg_marquardt(INITIAL_DAMPING, min_damping=MIN_DAMPING)
+    rule = as_rule(default if damping is None else damping)
     maxiter = _shared.check_maxiter(maxiter)
     tol = _shared.check_positive("tol", tol, allow_zero=True)
     warm_start = _shared.check_positive("warm_start", warm_start, allow_zero=True)
