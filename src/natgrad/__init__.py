@@ -1,6 +1,15 @@
 """natgrad: natural-gradient and Hessian-free optimisation for JAX, as optax transformations."""
 
-from natgrad import curvature, damping, layers, losses, preconditioners, sharding, solvers
+from natgrad import (
+    curvature,
+    damping,
+    diagnostics,
+    layers,
+    losses,
+    preconditioners,
+    sharding,
+    solvers,
+)
 from natgrad.optimizers import (
     HessianFreeState,
     NaturalGradientState,
@@ -12,6 +21,7 @@ from natgrad.optimizers.kfac import KFACState, kfac
 __all__ = [
     "curvature",
     "damping",
+    "diagnostics",
     "layers",
     "losses",
     "preconditioners",
