@@ -94,3 +94,16 @@ def test_label_out_of_range_is_rejected():
 def test_range_check_skipped_under_jit():
     f = jax.jit(lambda t: losses.softmax_cross_entropy().validate(jnp.zeros((2, 3)), t) or 0)
     f(jnp.array([0, 1]))  # traced labels: no concrete check, no error
+
+
+@pytest.mark.parametrize("out_dim", [1, 4])
+def test_curvature_sqrt_squares_to_the_output_curvature(loss, out_dim):
+    """Σ_k q_k q_kᵀ = H_z per example: the closed forms and the generic eigendecomposition."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(7))
+    z = jax.random.normal(k1, (5, out_dim))
+    h = _per_example_hessian(loss, z, make_targets(loss, k2, 5, out_dim))
+    closed = loss.curvature_sqrt(z)
+    generic = losses.Loss.curvature_sqrt(loss, z)
+    for q in (closed, generic):
+        assert q.shape == (out_dim, 5, out_dim)
+        np.testing.assert_allclose(jnp.einsum("kbi,kbj->bij", q, q), h, atol=1e-12)

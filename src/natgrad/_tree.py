@@ -53,3 +53,14 @@ def all_finite(x: PyTree) -> jax.Array:
 
 def cast_like(x: PyTree, like: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), x, like)
+
+
+def moving_average(old: PyTree, new: PyTree, decay: float, count) -> PyTree:
+    """β·old + (1 − β)·new with β = min(decay, t/(t + 1)), t = `count` estimates folded in so
+    far: the first estimate is taken as it is, later ones decay at `decay`."""
+
+    def fold(a, b):
+        beta = jnp.minimum(decay, count / (count + 1)).astype(a.dtype)
+        return beta * a + (1 - beta) * b
+
+    return jax.tree.map(fold, old, new)

@@ -18,7 +18,7 @@ The steps, one function each:
    * ``"sampled"`` (the true Fisher): targets ỹ ~ p(y | z) drawn from the model, cotangent
      ∇_z ℓ(z, ỹ), whose outer product has the output Fisher as expectation;
    * ``"exact"``: the K columns of the output curvature's square root, H_z = Σ_k q_k q_kᵀ
-     (`output_curvature_sqrt`), one backward pass each: G without sampling noise;
+     (`Loss.curvature_sqrt`), one backward pass each: G without sampling noise;
    * ``"empirical"``: the true targets (the empirical Fisher; cheap, biased).
    Parameters outside registered layers get a diagonal block from the same VJP: with ḡ the
    batch-mean gradient of the sampled loss, B ḡ² is unbiased for diag(F), the sampled scores
@@ -28,7 +28,7 @@ The steps, one function each:
    the first statistics are taken as they are; then, every `inverse_every` updates, the inverses.
 3. Factored Tikhonov damping (§6.3): A ⊗ G + λI ≈ (A + π√λ I) ⊗ (G + √λ/π I) with
    π = sqrt((tr A / dim A) / (tr G / dim G)), the choice that minimises the cross terms' norm.
-4. `apply_inverse`: (A ⊗ G)⁻¹ vec(V) = vec(A⁻¹ V G⁻¹) for V = [dW; db], from Cholesky inverses
+4. `apply_inverse`: (A ⊗ G)⁻¹ vec(V) = vec(A⁻¹ V G⁻¹) for V = [dW; db], from explicit inverses
    of the damped factors; a diagonal block divides by d + λ.
 
 Every statistic is a sum over the batch, so with the batch sharded over devices XLA reduces
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax, tree_util
 
-from natgrad import layers
+from natgrad import _tree, layers
 from natgrad.curvature import _check_batch
 from natgrad.losses import Loss
 
@@ -60,7 +60,6 @@ __all__ = [
     "pi_damping",
     "apply_inverse",
     "damped_product",
-    "output_curvature_sqrt",
 ]
 
 PyTree = Any
@@ -110,7 +109,7 @@ def init(params: PyTree) -> KroneckerState:
         dtype = nodes[i]["w"].dtype
         a.append(jnp.zeros((m + has_bias, m + has_bias), dtype))
         g.append(jnp.zeros((n, n), dtype))
-    factors = Factors(tuple(a), tuple(g), jax.tree.map(jnp.zeros_like, params))
+    factors = Factors(tuple(a), tuple(g), _tree.zeros_like(params))
     return KroneckerState(jnp.zeros((), jnp.int32), factors, Inverses(tuple(a), tuple(g)))
 
 
@@ -150,7 +149,7 @@ def statistics(
     batch_size = outputs.shape[0]
 
     if fisher_type == "exact":
-        q = output_curvature_sqrt(loss, outputs)
+        q = loss.curvature_sqrt(outputs)
         signs = jax.random.rademacher(key, q.shape[:2], q.dtype)
         cts = q * signs.reshape(*signs.shape, *(1,) * (q.ndim - 2))
         tag_cts, param_cts = jax.vmap(vjp_fn)(cts)
@@ -199,12 +198,7 @@ def update(
     """Fold `stats` into the moving averages; refresh the inverses every `inverse_every` updates
     (with the damping λ of that update)."""
     t = state.updates
-
-    def average(old, new):
-        beta = jnp.minimum(ema_decay, t / (t + 1)).astype(old.dtype)
-        return beta * old + (1 - beta) * new
-
-    factors = jax.tree.map(average, state.factors, stats)
+    factors = _tree.moving_average(state.factors, stats, ema_decay, t)
     inverses = lax.cond(
         t % inverse_every == 0,
         lambda: _invert(factors, damping, registered),
@@ -294,31 +288,3 @@ def damped_product(state: KroneckerState, damping, registered, vec: PyTree) -> P
         return (a @ v + da * v) @ g + dg * (a @ v + da * v)
 
     return _blockwise(vec, f.diag, damping, registered, kron, lambda r, d: r * d.astype(r.dtype))
-
-
-def output_curvature_sqrt(loss: Loss, outputs: jax.Array) -> jax.Array:
-    """Q of shape (K, *outputs.shape) with Σ_k Q_k Q_kᵀ = H_z for every example.
-
-    Closed forms for (B, C) outputs: softmax q_c = √p_c (e_c − p); squared error q_c = e_c;
-    sigmoid q_c = √(p_c(1 − p_c)) e_c. Otherwise H_z is formed from `loss.fisher_vp` (K = the
-    per-example output size) and its eigendecomposition gives Q = V diag(√w).
-    """
-    if outputs.ndim == 2:
-        batch, c = outputs.shape
-        eye = jnp.eye(c, dtype=outputs.dtype)
-        if loss.name == "softmax_cross_entropy":
-            p = jax.nn.softmax(outputs, axis=-1)
-            return jnp.sqrt(p).T[:, :, None] * (eye[:, None, :] - p[None])
-        if loss.name == "squared_error":
-            return jnp.broadcast_to(eye[:, None, :], (c, batch, c))
-        if loss.name == "sigmoid_cross_entropy":
-            p = jax.nn.sigmoid(outputs)
-            return jnp.sqrt(p * (1 - p)).T[:, :, None] * eye[:, None, :]
-    batch, shape = outputs.shape[0], outputs.shape[1:]
-    k = outputs[0].size
-    basis = jnp.eye(k, dtype=outputs.dtype).reshape(k, *shape)
-    columns = jax.vmap(lambda e: loss.fisher_vp(outputs, jnp.broadcast_to(e, outputs.shape)))(basis)
-    h = jnp.moveaxis(columns.reshape(k, batch, k), 0, -1)  # h[i, :, j] = H_i e_j
-    w, v = jnp.linalg.eigh(h)
-    q = v * jnp.sqrt(jnp.maximum(w, 0))[:, None, :]  # column j of q[i] is √w_j v_j
-    return jnp.moveaxis(q, -1, 0).reshape(k, *outputs.shape)

@@ -53,7 +53,8 @@ def _concrete_or_none(x) -> np.ndarray | None:
 class Loss:
     """A negative log-likelihood −log p(targets | outputs), evaluated per example.
 
-    Subclasses define `nll`, `sample`, `hessian_vp`, `fisher_vp` and `_validate`. The mean over
+    Subclasses define `nll`, `sample`, `hessian_vp`, `fisher_vp`, `kl` and `_validate` (and may
+    override `curvature_sqrt` with a closed form). The mean over
     the batch, `mean`, is the training loss that every curvature operator differentiates.
     """
 
@@ -78,6 +79,24 @@ class Loss:
     def kl(self, outputs_p: jax.Array, outputs_q: jax.Array) -> jax.Array:
         """KL(p(·|z_p) ‖ p(·|z_q)) per example, shape (B,); see the module docstring."""
         raise NotImplementedError
+
+    def curvature_sqrt(self, outputs: jax.Array) -> jax.Array:
+        """Q of shape (K, *outputs.shape) with Σ_k Q_k Q_kᵀ = H_z for every example.
+
+        This generic form builds H_z from `fisher_vp` (K = the per-example output size) and
+        takes Q = V diag(√w) from its eigendecomposition; the losses below override it with
+        their closed forms for (B, C) outputs.
+        """
+        batch, shape = outputs.shape[0], outputs.shape[1:]
+        k = outputs[0].size
+        basis = jnp.eye(k, dtype=outputs.dtype).reshape(k, *shape)
+        columns = jax.vmap(lambda e: self.fisher_vp(outputs, jnp.broadcast_to(e, outputs.shape)))(
+            basis
+        )
+        h = jnp.moveaxis(columns.reshape(k, batch, k), 0, -1)  # h[i, :, j] = H_i e_j
+        w, v = jnp.linalg.eigh(h)
+        q = v * jnp.sqrt(jnp.maximum(w, 0))[:, None, :]  # column j of q[i] is √w_j v_j
+        return jnp.moveaxis(q, -1, 0).reshape(k, *outputs.shape)
 
     def mean(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
         """The training loss: the batch mean of `nll`."""
@@ -123,6 +142,14 @@ class _SoftmaxCrossEntropy(Loss):
         # (diag(p) − p pᵀ) u = p ⊙ (u − pᵀu)
         p = jax.nn.softmax(outputs, axis=-1)
         return p * (u - jnp.sum(p * u, axis=-1, keepdims=True))
+
+    def curvature_sqrt(self, outputs):
+        # q_c = √p_c (e_c − p): Σ_c q_c q_cᵀ = diag(p) − ppᵀ (using Σ_c p_c = 1).
+        if outputs.ndim != 2:
+            return super().curvature_sqrt(outputs)
+        p = jax.nn.softmax(outputs, axis=-1)
+        eye = jnp.eye(outputs.shape[1], dtype=outputs.dtype)
+        return jnp.sqrt(p).T[:, :, None] * (eye[:, None, :] - p[None])
 
     def fisher_vp(self, outputs, u):
         # Σ_c p_c s_c (s_cᵀ u) with s_c = p − e_c the score of class c: the expectation written out.
@@ -170,6 +197,14 @@ class _SquaredError(Loss):
         # y − z ~ N(0, I), so E[s sᵀ] = Cov(y) = I.
         return u
 
+    def curvature_sqrt(self, outputs):
+        # H_z = I: q_c = e_c.
+        if outputs.ndim != 2:
+            return super().curvature_sqrt(outputs)
+        batch, c = outputs.shape
+        eye = jnp.eye(c, dtype=outputs.dtype)
+        return jnp.broadcast_to(eye[:, None, :], (c, batch, c))
+
     def _validate(self, outputs, targets):
         if targets.shape != outputs.shape:
             raise ValueError(
@@ -204,6 +239,14 @@ class _SigmoidCrossEntropy(Loss):
         p = jax.nn.sigmoid(outputs)
         variance = p * jnp.square(1 - p) + (1 - p) * jnp.square(p)
         return variance * u
+
+    def curvature_sqrt(self, outputs):
+        # H_z = diag(p(1 − p)): q_c = √(p_c(1 − p_c)) e_c.
+        if outputs.ndim != 2:
+            return super().curvature_sqrt(outputs)
+        p = jax.nn.sigmoid(outputs)
+        eye = jnp.eye(outputs.shape[1], dtype=outputs.dtype)
+        return jnp.sqrt(p * (1 - p)).T[:, :, None] * eye[:, None, :]
 
     def _validate(self, outputs, targets):
         if targets.shape != outputs.shape:

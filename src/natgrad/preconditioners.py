@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad import curvature, kfac_blocks
+from natgrad import _tree, curvature, kfac_blocks
 
 __all__ = [
     "Preconditioner",
@@ -82,7 +82,7 @@ def _sum_over_examples(per_example: Callable, params: PyTree, batch) -> PyTree:
         return jax.tree.map(jnp.add, acc, per_example(*example)), None
 
     def scan_chunk(examples):
-        total, _ = jax.lax.scan(add_example, jax.tree.map(jnp.zeros_like, params), examples)
+        total, _ = jax.lax.scan(add_example, _tree.zeros_like(params), examples)
         return total
 
     split = jax.tree.map(
@@ -114,14 +114,14 @@ def empirical_fisher_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -
 def ggn_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -> PyTree:
     """diag(G) = (1/B) Σ_i Σ_k (J_iᵀ q_ik)², exactly, shaped like params.
 
-    q_ik are the columns of the output curvature's square root
-    (`natgrad.kfac_blocks.output_curvature_sqrt`): one backward pass per output per example.
+    q_ik are the columns of the output curvature's square root (`Loss.curvature_sqrt`): one
+    backward pass per output per example.
     """
 
     def squared_columns(x, y):
         del y  # H_z of natgrad's losses does not depend on the targets
         outputs, vjp_fn = jax.vjp(lambda p: apply_fn(p, _one(x)), params)
-        columns = jax.vmap(vjp_fn)(kfac_blocks.output_curvature_sqrt(loss, outputs))[0]
+        columns = jax.vmap(vjp_fn)(loss.curvature_sqrt(outputs))[0]
         return jax.tree.map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
 
     return _sum_over_examples(squared_columns, params, batch)
@@ -199,7 +199,7 @@ def hutchinson_diagonal(
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {ema_decay!r}")
 
     def init(params):
-        return jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params)
+        return jnp.zeros((), jnp.int32), _tree.zeros_like(params)
 
     def update(state, params, batch, *, apply_fn, loss, damping, key=None):
         if key is None:
@@ -208,12 +208,7 @@ def hutchinson_diagonal(
         estimate = hutchinson_estimate(
             curvature.ggn(apply_fn, loss, params, batch), key, num_probes
         )
-
-        def fold(old, new):
-            beta = jnp.minimum(ema_decay, count / (count + 1)).astype(old.dtype)
-            return beta * old + (1 - beta) * new
-
-        average = jax.tree.map(fold, average, estimate)
+        average = _tree.moving_average(average, estimate, ema_decay, count)
         return _diagonal_inverse(average, damping, alpha), (count + 1, average)
 
     return Preconditioner(init, update)
