@@ -2,12 +2,12 @@
 
 1. Step time: the whole jitted training step (`value_and_grad` + `update` + `apply_updates`) of
    `natgrad.kfac` with inverses refreshed every 5 steps, over `optax.sgd`'s, measured side by side
-   in one process. A timed sample is 5 consecutive steps, so it holds exactly one refresh. Also
-   reported: K-FAC with the refresh never due (the per-step cost alone) — the difference is what
-   the Cholesky inverses of the 785 × 785 and 128 × 128 factors cost — and K-FAC with OpenBLAS
-   (which runs the Cholesky on CPU) held to one thread by `threadpoolctl`, when installed: on a
-   shared, oversubscribed machine multithreaded OpenBLAS factorisations of n ≥ 256 were measured
-   to take ~0.5 s instead of ~5 ms.
+   in one process. A timed sample is 5 consecutive steps (`benchmarks.steps.chain`), so it holds
+   exactly one refresh. Also reported: K-FAC with the refresh never due (the per-step cost
+   alone) — the difference is what inverting the 785 × 785 and 128 × 128 factors costs — and
+   K-FAC with BLAS held to one thread by `threadpoolctl`, when installed (`benchmarks` already
+   sets OPENBLAS_NUM_THREADS=1; on a shared, oversubscribed machine multithreaded OpenBLAS
+   factorisations of n ≥ 256 were measured to take ~0.5 s instead of ~5 ms).
 2. CG iterations to reach ‖r‖ ≤ tol·‖b‖ on (GGN + λI) d = g (g the gradient), with no
    preconditioner, Martens' diagonal, the exact GGN diagonal, Hutchinson's diagonal and K-FAC
    (one batch's statistics, λ-damped). The GGN of a batch of 128 has rank ≤ 128·9 = 1152 of
@@ -18,47 +18,22 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import natgrad
-from benchmarks.steps import make_step
+from benchmarks.steps import CHAIN, make_step, seconds_per_step, warm_up
 from benchmarks.timing import batch, machine, mlp, write_json
-from natgrad import curvature, losses, preconditioners, solvers
+from natgrad import _tree, curvature, losses, preconditioners, solvers
 
 SIZES = (784, 128, 10)
 BATCH_SIZE = 128
-INVERSE_EVERY = 5
-
-
-def apply_fn(params, x):
-    """The ReLU MLP of `benchmarks.timing.mlp`, its layers declared to K-FAC."""
-    for layer in params[:-1]:
-        x = jax.nn.relu(natgrad.layers.dense(layer, x))
-    return natgrad.layers.dense(params[-1], x)
-
-
-def seconds_per_step(step, params, state, data, repeats: int) -> float:
-    """Median over `repeats` samples of INVERSE_EVERY consecutive steps, per step."""
-    key = jax.random.PRNGKey(2)
-    for i in range(INVERSE_EVERY + 1):  # compile, then reach a refresh boundary
-        params, state, _ = step(params, state, data, jax.random.fold_in(key, i))
-    jax.block_until_ready(params)
-    samples = []
-    for r in range(repeats):
-        start = time.perf_counter()
-        for i in range(INVERSE_EVERY):
-            params, state, _ = step(params, state, data, jax.random.fold_in(key, 100 * r + i))
-        jax.block_until_ready((params, state))
-        samples.append((time.perf_counter() - start) / INVERSE_EVERY)
-    return sorted(samples)[len(samples) // 2]
+INVERSE_EVERY = CHAIN  # so a timed chain of steps holds exactly one refresh
 
 
 def bench_steps(repeats: int) -> dict:
-    params, _ = mlp(SIZES, jax.random.PRNGKey(0))
+    params, apply_fn = mlp(SIZES, jax.random.PRNGKey(0))  # layers declared to K-FAC
     data = batch(jax.random.PRNGKey(1), BATCH_SIZE)
     loss = losses.softmax_cross_entropy()
     opts = {
@@ -66,23 +41,21 @@ def bench_steps(repeats: int) -> dict:
         "kfac": (natgrad.kfac(apply_fn, loss, inverse_every=INVERSE_EVERY), True),
         "kfac_no_refresh": (natgrad.kfac(apply_fn, loss, inverse_every=10**9), True),
     }
-    rows = {}
-    for name, (opt, extra) in opts.items():
-        t = seconds_per_step(
-            make_step(opt, apply_fn, loss, extra), params, opt.init(params), data, repeats
-        )
-        rows[name] = {"step_seconds": t}
+    key = jax.random.PRNGKey(2)
+
+    def timed(opt, extra):
+        step = make_step(opt, apply_fn, loss, extra)
+        p, s = warm_up(step, params, opt.init(params), data, key)
+        return seconds_per_step(step, p, s, data, repeats, key=key)
+
+    rows = {name: {"step_seconds": timed(opt, extra)} for name, (opt, extra) in opts.items()}
     try:
         import threadpoolctl
     except ImportError:
         threadpoolctl = None
     if threadpoolctl is not None:
         with threadpoolctl.threadpool_limits(1, "blas"):
-            opt = opts["kfac"][0]
-            t = seconds_per_step(
-                make_step(opt, apply_fn, loss, True), params, opt.init(params), data, repeats
-            )
-        rows["kfac_blas_1_thread"] = {"step_seconds": t}
+            rows["kfac_blas_1_thread"] = {"step_seconds": timed(opts["kfac"][0], True)}
     for row in rows.values():
         row["step_over_sgd"] = row["step_seconds"] / rows["sgd"]["step_seconds"]
     rows["kfac"]["target_step_over_sgd"] = 3.0
@@ -91,7 +64,7 @@ def bench_steps(repeats: int) -> dict:
 
 
 def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
-    params, _ = mlp(SIZES, jax.random.PRNGKey(0))
+    params, apply_fn = mlp(SIZES, jax.random.PRNGKey(0))
     data = batch(jax.random.PRNGKey(1), BATCH_SIZE)
     loss = losses.softmax_cross_entropy()
     candidates = {
@@ -124,7 +97,7 @@ def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
                 tol=tol,
                 preconditioner=apply_inverse,
             )
-            return res.iterations, res.status, res.residual_norm / _norm(op.gradient())
+            return res.iterations, res.status, res.residual_norm / _tree.norm(op.gradient())
 
         return run(params, data, jax.random.PRNGKey(3))
 
@@ -137,10 +110,6 @@ def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
             "relative_residual": float(rel),
         }
     return {"damping": damping, "tol": tol, "maxiter": maxiter, "preconditioners": rows}
-
-
-def _norm(tree):
-    return jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(tree)))
 
 
 def run(quick: bool = False) -> dict:

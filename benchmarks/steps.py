@@ -61,6 +61,19 @@ def chain(step, params, state, data, key):
     return params, state, value
 
 
+def warm_up(step, params, state, data, key):
+    """Compile, then a few real steps so warm starts, damping and statistics are representative."""
+    for i in range(3):
+        params, state, _ = step(params, state, data, jax.random.fold_in(key, i))
+    return params, state
+
+
+def seconds_per_step(step, params, state, data, repeats: int, *, key=None) -> float:
+    """Median over `repeats` samples of `CHAIN` consecutive steps from (params, state), per step."""
+    key = jax.random.PRNGKey(2) if key is None else key
+    return median_seconds(chain, step, params, state, data, key, repeats=repeats) / CHAIN
+
+
 def bench_model(sizes, batch_size, repeats, names=None) -> dict:
     params, apply_fn = mlp(sizes, jax.random.PRNGKey(0))
     data = batch(jax.random.PRNGKey(1), batch_size)
@@ -74,10 +87,8 @@ def bench_model(sizes, batch_size, repeats, names=None) -> dict:
             continue
         is_natgrad = isinstance(opt, optax.GradientTransformationExtraArgs)
         step = make_step(opt, apply_fn, loss, is_natgrad)
-        p, s = params, opt.init(params)
-        for i in range(3):  # a few real steps so warm starts and damping are representative
-            p, s, _ = step(p, s, data, jax.random.fold_in(key, i))
-        t = median_seconds(chain, step, p, s, data, key, repeats=repeats) / CHAIN
+        p, s = warm_up(step, params, opt.init(params), data, key)
+        t = seconds_per_step(step, p, s, data, repeats, key=key)
         row = {"step_seconds": t, "step_over_grad": t / t_grad}
         # The state after the timed step tells how much work it did.
         _, s_after, _ = step(p, s, data, key)
