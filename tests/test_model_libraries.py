@@ -258,7 +258,8 @@ def _load_example(name):
 
 @pytest.mark.slow  # ~10 s each: two compilations of a 784-128-10 MLP step and MNIST loading
 @pytest.mark.parametrize("library", LIBRARIES)
-def test_example_trains(library):
+def test_example_trains(library, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(HERE, "..", "examples"))  # their _common.py
     pytest.importorskip("mlxtend")
     pytest.importorskip({"flax_linen": "flax", "flax_nnx": "flax"}.get(library, library))
     argv = ["--steps", "5", "--hf-steps", "2", "--batch-size", "64"]
