@@ -1,6 +1,6 @@
 """Cost of one curvature-vector product relative to one gradient, side by side in one process.
 
-MLP 784-512-512-10, batch 1024, float32 (issue 2). For each operator we time, jitted,
+MLP 784-512-512-10, batch 1024, float32. For each operator we time, jitted,
   build + k products   for k = 1 and k = K,
 so one product costs (T_K − T_1)/(K − 1) and the build (the single linearization) costs
 T_1 minus one product. Each is divided by the median time of `jax.grad` of the mean loss. The

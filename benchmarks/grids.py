@@ -75,7 +75,7 @@ def grids(task: str) -> list[Grid]:
     GGN too), and the indefinite Hessian is Newton-CG rather than natural gradient. The sampled
     curvatures get the fixed damping 1e-2 of the experiments' lineup. The autoencoder runs the
     optimisers of the issue: SGD+momentum, Adam, natural gradient, Hessian-free and K-FAC.
-    K-FAC joins when `natgrad.kfac` exists, with natural gradient's grid of δ.
+    K-FAC runs natural gradient's grid of δ.
     """
     if task not in VALUES:
         raise ValueError(f"task: expected one of {tuple(VALUES)}, got {task!r}")
@@ -98,12 +98,10 @@ def grids(task: str) -> list[Grid]:
                 True,
             ),
         ]
-    specs.append(
-        Grid("hessian-free", hessian_free_lm, "min_damping", values["min_damping"], {}, True)
-    )
-    if hasattr(natgrad, "kfac"):
-        specs.append(Grid("kfac", natgrad.kfac, "kl_radius", kl, {}, True))
-    return specs
+    return specs + [
+        Grid("hessian-free", hessian_free_lm, "min_damping", values["min_damping"], {}, True),
+        Grid("kfac", natgrad.kfac, "kl_radius", kl, {}, True),
+    ]
 
 
 def grid_record(specs: Sequence[Grid]) -> dict[str, dict[str, Any]]:

@@ -214,9 +214,7 @@ def time_to_target_section(payload: dict, plots: dict[str, str]) -> list[str]:
     ds = payload["dataset"]
     lines = [
         f"{ds['name']}, {ds['num_train']} training / {ds['num_test']} test examples, batch "
-        f"{payload['settings']['batch_size']}, seed {payload['seed']}, K-FAC "
-        f"{'included' if payload['has_kfac'] else 'not available (natgrad.kfac missing)'}. "
-        f"{payload['note']}.",
+        f"{payload['settings']['batch_size']}, seed {payload['seed']}. {payload['note']}.",
         "",
         "### Goals",
         "",
@@ -441,7 +439,7 @@ def markdown(payloads: dict[str, dict], out_dir: str, plots: dict[str, str]) -> 
     if machine:
         lines += [
             f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} CPUs, "
-            f"JAX {machine.get('jax')} ({machine.get('backend')}).",
+            f"JAX {machine.get('jax')} ({machine.get('jax_backend')}).",
             "",
         ]
     if not payloads:

@@ -1,4 +1,4 @@
-"""Sharded step throughput on 4 emulated CPU devices vs 1 device, same total batch (issue 7).
+"""Sharded step throughput on 4 emulated CPU devices vs 1 device, same total batch.
 
 On CPU, "devices" made by --xla_force_host_platform_device_count share the same two cores, so
 this measures the overhead of SPMD partitioning and of the all-reduces, not a speed-up. The
@@ -36,27 +36,22 @@ def communication_estimate(parameters, devices, bytes_per_float, cg_iterations) 
 
 def worker(devices: int, batch_size: int, repeats: int) -> dict:
     import jax
-    import optax
 
     import natgrad
     from benchmarks.timing import batch, median_seconds, mlp
+    from natgrad.experiments import training
 
     loss = natgrad.losses.softmax_cross_entropy()
     params, apply_fn = mlp((784, 512, 512, 10), jax.random.PRNGKey(0))
     data = batch(jax.random.PRNGKey(1), batch_size)
     opt = natgrad.natural_gradient(apply_fn, loss)
 
-    @jax.jit
-    def step(params, state, data):
-        grads = jax.grad(lambda p: loss.mean(apply_fn(p, data[0]), data[1]))(params)
-        updates, state = opt.update(grads, state, params, batch=data)
-        return optax.apply_updates(params, updates), state
-
+    step = jax.jit(training.make_step(opt, apply_fn, loss))
     mesh = natgrad.sharding.batch_mesh(devices)
     p = natgrad.sharding.replicate(params, mesh)
     s = natgrad.sharding.replicate(opt.init(params), mesh)
     d = natgrad.sharding.shard_batch(data, mesh)
-    seconds = median_seconds(step, p, s, d, repeats=repeats)
+    seconds = median_seconds(step, p, s, d, None, repeats=repeats)
     return {
         "devices": devices,
         "step_seconds": seconds,

@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from natgrad.experiments import training
+
 __all__ = ["Problem", "batch_order", "eval_steps", "make_chunk", "train"]
 
 
@@ -69,33 +71,19 @@ def eval_steps(budget: int, chunk: int, growth: float) -> list[int]:
     return steps + [last] if last > 0 else steps
 
 
-def _cg_iterations(state) -> jax.Array:
-    """CG iterations of the last step if the optimiser's state records them, else -1."""
-    value = getattr(state, "cg_iterations", None)
-    return jnp.int32(-1) if value is None else jnp.asarray(value, jnp.int32)
-
-
-def make_chunk(
-    opt: optax.GradientTransformation, takes_batch: bool, problem: Problem, chunk: int
-) -> Callable:
-    """``run(params, state, order, root, start) -> (params, state, batch_losses, cg_iterations)``:
-    steps ``start, …, start + chunk − 1``; step s trains on ``inputs[order[s]]`` and natgrad's
-    optimisers get the key ``fold_in(root, s)``."""
-    apply_fn, loss = problem.apply_fn, problem.loss
+def make_chunk(opt: optax.GradientTransformation, problem: Problem, chunk: int) -> Callable:
+    """``run(params, state, inputs, targets, order, root, start) -> (params, state, batch_losses,
+    cg_iterations)``: steps ``start, …, start + chunk − 1`` of `training.make_step`; step s trains
+    on ``inputs[order[s]]`` with the key ``fold_in(root, s)``; CG iterations are -1 without CG."""
+    one_step = training.make_step(opt, problem.apply_fn, problem.loss)
 
     def run(params, state, inputs, targets, order, root, start):
         def step(carry, s):
-            params, state = carry
             idx = order[s]
-            x, t = inputs[idx], targets[idx]
-            value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, x), t))(params)
-            if takes_batch:
-                key = jax.random.fold_in(root, s)
-                updates, state = opt.update(grads, state, params, batch=(x, t), key=key)
-            else:
-                updates, state = opt.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, state), (value, _cg_iterations(state))
+            batch, key = (inputs[idx], targets[idx]), jax.random.fold_in(root, s)
+            params, state, value = one_step(*carry, batch, key)
+            cg = training.state_stats(state, ["cg_iterations"]).get("cg_iterations", -1)
+            return (params, state), (value, jnp.asarray(cg, jnp.int32))
 
         steps = start + jnp.arange(chunk, dtype=jnp.int32)
         (params, state), (values, cg) = lax.scan(step, (params, state), steps)
@@ -110,7 +98,6 @@ def _finite_or_none(value: float) -> float | None:
 
 def train(
     opt: optax.GradientTransformation,
-    takes_batch: bool,
     problem: Problem,
     order: np.ndarray,
     *,
@@ -136,7 +123,7 @@ def train(
     args = (problem.inputs, problem.targets, order_dev, sample_root)
 
     start = time.perf_counter()
-    fn = jax.jit(make_chunk(opt, takes_batch, problem, chunk))
+    fn = jax.jit(make_chunk(opt, problem, chunk))
     compiled = fn.lower(params, state, *args, jnp.int32(0)).compile()
     compile_seconds = time.perf_counter() - start
 

@@ -1,10 +1,9 @@
-"""Timing and models shared by the benchmarks: medians of repeated, compiled, blocked calls."""
+"""What the benchmarks share: medians of compiled calls, the benchmark MLP and batch, the JSON."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -12,7 +11,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from natgrad import layers
+from natgrad.experiments import models
+from natgrad.experiments.report import machine_info as machine
+
+__all__ = ["median_seconds", "mlp", "batch", "machine", "write_json"]
 
 
 def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
@@ -27,24 +29,10 @@ def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> f
     return statistics.median(samples)
 
 
-def mlp(sizes, key, dtype=jnp.float32):
-    """A ReLU MLP as ([{"w", "b"}, ...], apply)."""
-    params = []
-    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        k = jax.random.fold_in(key, i)
-        params.append(
-            {
-                "w": (jax.random.normal(k, (m, n)) * (2 / m) ** 0.5).astype(dtype),
-                "b": jnp.zeros(n, dtype),
-            }
-        )
-
-    def apply(params, x):  # layers.dense is x @ w + b, declared to K-FAC
-        for layer in params[:-1]:
-            x = jax.nn.relu(layers.dense(layer, x))
-        return layers.dense(params[-1], x)
-
-    return params, apply
+def mlp(sizes, key):
+    """(params, apply) of `natgrad.experiments.models.mlp` (He init; layers declared to K-FAC)."""
+    model = models.mlp(sizes)
+    return model.init(key), model.apply
 
 
 def batch(key, size, in_dim=784, num_classes=10, dtype=jnp.float32):
@@ -52,17 +40,6 @@ def batch(key, size, in_dim=784, num_classes=10, dtype=jnp.float32):
     return jax.random.uniform(kx, (size, in_dim), dtype), jax.random.randint(
         ky, (size,), 0, num_classes
     )
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": len(jax.devices()),
-    }
 
 
 def write_json(out_dir: str, name: str, payload: dict) -> str:

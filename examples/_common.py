@@ -1,4 +1,4 @@
-"""What the model-library examples share: the data and an ordinary optax-style training loop.
+"""What the model-library examples share: the data and a plain loop over natgrad's training step.
 
 Each example differs only in how its library's model becomes ``apply_fn(params, inputs)``.
 Data: ``mnist-5k`` from `natgrad.experiments.data`, the 5,000 real MNIST digits that ship with
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import optax
 
-from natgrad.experiments import data
+from natgrad.experiments import data, training
 
 
 def load_mnist():
@@ -24,18 +23,16 @@ def train(opt, apply_fn, loss, params, data, steps, batch_size, name):
     """`steps` jitted steps of `opt` on random batches; returns (params, test loss / accuracy)."""
     (x_train, y_train), (x_test, y_test) = data
 
-    @jax.jit
-    def step(params, state, x, y, key):  # the key is for K-FAC's sampled Fisher
-        value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, x), y))(params)
-        updates, state = opt.update(grads, state, params, batch=(x, y), key=key)
-        return optax.apply_updates(params, updates), state, value
+    # value_and_grad, opt.update(..., batch=(x, y), key=key), apply_updates; the key is for
+    # K-FAC's sampled Fisher
+    step = jax.jit(training.make_step(opt, apply_fn, loss))
 
     rng = np.random.default_rng(1)
     state = opt.init(params)
     for i in range(steps):
         idx = rng.choice(len(y_train), batch_size, replace=False)
         key = jax.random.PRNGKey(i)
-        params, state, value = step(params, state, x_train[idx], y_train[idx], key)
+        params, state, value = step(params, state, (x_train[idx], y_train[idx]), key)
         if i % 50 == 0 or i == steps - 1:
             print(f"{name}  step {i:4d}  train loss {float(value):.4f}")
     logits = apply_fn(params, x_test)

@@ -35,9 +35,9 @@ def main(argv=None) -> float:
 
     import jax
     import jax.numpy as jnp
-    import optax
 
     import natgrad
+    from natgrad.experiments import training
 
     loss = natgrad.losses.softmax_cross_entropy()
     sizes = (784, 128, 10)
@@ -64,20 +64,14 @@ def main(argv=None) -> float:
 
     opt = natgrad.natural_gradient(apply_fn, loss)
 
-    @jax.jit
-    def step(params, state, batch):
-        value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, batch[0]), batch[1]))(
-            params
-        )
-        updates, state = opt.update(grads, state, params, batch=batch)
-        return optax.apply_updates(params, updates), state, value
+    step = jax.jit(training.make_step(opt, apply_fn, loss))  # grad, update, apply_updates
 
     mesh = natgrad.sharding.batch_mesh(args.devices)
     params = natgrad.sharding.replicate(params, mesh)
     state = natgrad.sharding.replicate(opt.init(params), mesh)
     for i in range(args.steps):
         batch = natgrad.sharding.shard_batch(make_batch(i), mesh)
-        params, state, value = step(params, state, batch)
+        params, state, value = step(params, state, batch, None)
         if i % 10 == 0 or i == args.steps - 1:
             print(f"step {i:3d}  loss {float(value):.4f}  devices {len(batch[0].devices())}")
     return float(value)

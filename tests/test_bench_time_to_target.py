@@ -166,7 +166,7 @@ def test_grids_cover_the_lineup_and_build(task):
     names = [g.name for g in grids(task)]
     expected = ["sgd", "adam", "ngd-fisher"]
     expected += ["ngd-empirical", "ngd-fisher-mc"] if task == "classifier" else []
-    expected += ["hessian-free"] + (["kfac"] if hasattr(natgrad, "kfac") else [])
+    expected += ["hessian-free", "kfac"]
     assert names == expected
     model = models.mlp((4, 3, 2)) if task == "classifier" else models.autoencoder((4, 2, 4))
     for g in grids(task):
@@ -175,12 +175,11 @@ def test_grids_cover_the_lineup_and_build(task):
         opt.init(model.init(jax.random.PRNGKey(0)))
 
 
-def test_kfac_joins_only_when_natgrad_has_it(monkeypatch):
-    monkeypatch.delattr(natgrad, "kfac", raising=False)
-    assert "kfac" not in [g.name for g in grids("classifier")]
-    monkeypatch.setattr(natgrad, "kfac", natgrad.natural_gradient, raising=False)
-    kfac = [g for g in grids("autoencoder") if g.name == "kfac"]
-    assert len(kfac) == 1 and kfac[0].takes_model and kfac[0].knob == "kl_radius"
+def test_kfac_runs_natural_gradients_grid_of_kl_radii():
+    for task in VALUES:
+        kfac = [g for g in grids(task) if g.name == "kfac"]
+        assert len(kfac) == 1 and kfac[0].factory is natgrad.kfac and kfac[0].takes_model
+        assert kfac[0].knob == "kl_radius" and kfac[0].values == VALUES[task]["kl_radius"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import natgrad
-from natgrad.experiments import lineup, models, report, run
+from natgrad.experiments import lineup, models, report, training
 
 
 def _blobs(num_train=96, num_test=32, features=12, classes=3, seed=0):
@@ -138,39 +137,39 @@ def test_factory_errors_become_lineup_errors():
         lineup.build("ngd-fisher", hyper["ngd-fisher"], models.mlp((4, 3, 2)))
 
 
-def test_kfac_joins_the_lineup_when_natgrad_has_it(monkeypatch):
-    assert ("kfac" in lineup.registry()) == hasattr(natgrad, "kfac")
+def test_kfac_ends_the_lineup_with_its_factory_defaults():
+    import inspect
 
-    def kfac(apply_fn, loss, *, learning_rate=1.0, damping=1e-3):
-        return optax.identity()
-
-    monkeypatch.setattr(natgrad, "kfac", kfac, raising=False)
-    assert lineup.default_lineup()[-1] == "kfac"
-    assert lineup.resolve(["kfac"])["kfac"] == {"learning_rate": 1.0, "damping": 1e-3}
+    assert (
+        lineup.default_lineup()[-1] == "kfac" and lineup.registry()["kfac"].factory is natgrad.kfac
+    )
+    signature = inspect.signature(natgrad.kfac).parameters.values()
+    defaults = {p.name: p.default for p in signature if p.default is not p.empty}
+    assert lineup.resolve(["kfac"])["kfac"] == defaults
 
 
 # --- the training loop --------------------------------------------------------------------
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch():
-    a = run.batch_order(100, 32, seed=3, epoch=0)
+    a = training.batch_order(100, 32, seed=3, epoch=0)
     assert a.shape == (3, 32) and len(set(a.ravel())) == 96
-    assert np.array_equal(a, run.batch_order(100, 32, seed=3, epoch=0))
-    assert not np.array_equal(a, run.batch_order(100, 32, seed=3, epoch=1))
-    assert not np.array_equal(a, run.batch_order(100, 32, seed=4, epoch=0))
+    assert np.array_equal(a, training.batch_order(100, 32, seed=3, epoch=0))
+    assert not np.array_equal(a, training.batch_order(100, 32, seed=3, epoch=1))
+    assert not np.array_equal(a, training.batch_order(100, 32, seed=4, epoch=0))
 
 
 def test_eval_steps_cover_start_fractions_and_end():
-    assert run.eval_steps(8, 2, 0.25) == [0, 2, 4, 6, 8, 10, 12, 14, 16]
-    assert run.eval_steps(31, 2, 0.25) == [0, 8, 16, 23, 31, 39, 46, 54, 62]
-    assert run.eval_steps(5, 1, 3.0) == [0, 5]
+    assert training.eval_steps(8, 2, 0.25) == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert training.eval_steps(31, 2, 0.25) == [0, 8, 16, 23, 31, 39, 46, 54, 62]
+    assert training.eval_steps(5, 1, 3.0) == [0, 5]
 
 
 def test_every_optimizer_starts_from_the_same_parameters():
     model = models.mlp((12, 8, 3))
     names = ["sgd", "ngd-fisher"]
     hyper = lineup.resolve(names)
-    states = [run.init_state(model, lineup.build(n, hyper[n], model), seed=5) for n in names]
+    states = [training.init_state(model, lineup.build(n, hyper[n], model), seed=5) for n in names]
     for a, b in zip(*(jax.tree.leaves(s.params) for s in states), strict=True):
         assert np.array_equal(a, b)
     assert np.array_equal(states[0].key, states[1].key)
@@ -180,11 +179,11 @@ def test_every_optimizer_starts_from_the_same_parameters():
 def trained():
     data = _blobs()
     model = models.mlp((12, 8, 3))
-    config = run.RunConfig(epochs=4, batch_size=8, seed=0, eval_every=0.5)
+    config = training.RunConfig(epochs=4, batch_size=8, seed=0, eval_every=0.5)
     names = ["sgd", "ngd-fisher"]
     hyper = lineup.resolve(names)
     return {
-        n: run.train(lineup.build(n, hyper[n], model), model, data, config, progress_bar=False)
+        n: training.train(lineup.build(n, hyper[n], model), model, data, config, progress_bar=False)
         for n in names
     }
 

@@ -203,7 +203,7 @@ def _model(args, dataset):
 
 
 def _run_config(args):
-    from natgrad.experiments.run import RunConfig
+    from natgrad.experiments.training import RunConfig
 
     return RunConfig(
         epochs=args.epochs,
@@ -265,7 +265,7 @@ def _summary(result) -> str:
 
 def _train_all(args, names, overrides, out, **train_kwargs):
     """Resolve, load, build, train every optimizer; returns (config record, results, seconds)."""
-    from natgrad.experiments import lineup, run
+    from natgrad.experiments import lineup, training
 
     hyper = lineup.resolve(names, overrides)
     _use_devices(args.devices)
@@ -276,12 +276,12 @@ def _train_all(args, names, overrides, out, **train_kwargs):
     model = _model(args, dataset)
     optimizers = [lineup.build(name, hyper[name], model) for name in names]
     config = _run_config(args)
-    run.steps_per_epoch(len(dataset.x_train), config.batch_size)  # fail before any training
+    training.steps_per_epoch(len(dataset.x_train), config.batch_size)  # fail before any training
     show_bars = not args.no_progress
     start = time.perf_counter()
     results = {}
     for optimizer in optimizers:
-        result = run.train(
+        result = training.train(
             optimizer, model, dataset, config, progress_bar=show_bars, log=_say, **train_kwargs
         )
         results[optimizer.name] = {
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from natgrad.experiments.checkpoint import CheckpointError
     from natgrad.experiments.data import DataError
     from natgrad.experiments.lineup import LineupError
-    from natgrad.experiments.run import RunError
+    from natgrad.experiments.training import RunError
 
     # JAX's CPU LAPACK calls (K-FAC's factor inverses) go through OpenBLAS, whose own threads
     # fight XLA's for the cores: a 785 × 785 inverse inside a training step measured 200 ms

@@ -7,8 +7,6 @@ results.json records them; ``--set NAME.KEY=VALUE`` overrides any of them for on
 
 ``damping=None`` is the library default: Levenberg-Marquardt adaptation (natgrad.damping). A
 number means a fixed λ.
-
-`kfac` joins the lineup by itself once ``natgrad.kfac`` exists.
 """
 
 from __future__ import annotations
@@ -69,11 +67,10 @@ class Entry:
 
 
 class Optimizer(NamedTuple):
-    """A built optimizer: `transform.update` takes ``batch=``/``key=`` iff `takes_batch`."""
+    """A built optimizer of the lineup with the hyperparameters it was built with."""
 
     name: str
     transform: optax.GradientTransformation
-    takes_batch: bool
     hyperparameters: dict[str, Any]
 
 
@@ -105,9 +102,8 @@ def registry() -> dict[str, Entry]:
             "NGD, exact Fisher, KL trust region, LM damping",
         ),
         Entry("hessian-free", natgrad.hessian_free, {}, True, "Martens' Hessian-free"),
+        Entry("kfac", natgrad.kfac, {}, True, "K-FAC"),
     ]
-    if hasattr(natgrad, "kfac"):
-        entries.append(Entry("kfac", natgrad.kfac, {}, True, "K-FAC"))
     return {e.name: e for e in entries}
 
 
@@ -208,4 +204,4 @@ def build(name: str, hyper: Mapping[str, Any], model) -> Optimizer:
             transform = entry.factory(**hyper)
     except (TypeError, ValueError) as err:
         raise LineupError(f"{name}: {err}") from None
-    return Optimizer(name, transform, entry.takes_model, dict(hyper))
+    return Optimizer(name, transform, dict(hyper))

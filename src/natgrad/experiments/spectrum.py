@@ -4,9 +4,9 @@ r"""`natgrad spectrum`: the curvature's spectrum at initialisation and after tra
                      [--num-iterations 40] [--num-probes 8] [--max-condition 1000]
                      [--out results/<dataset>-spectrum] [same data/model/run options as compare]
 
-On one fixed batch (the first batch of epoch 0 in `natgrad.experiments.run.batch_order`, the
+On one fixed batch (the first batch of epoch 0 in `natgrad.experiments.training.batch_order`, the
 same examples for both states), for the initial parameters and for the parameters after
-``--epochs`` of training with ``--optimizer`` (`natgrad.experiments.run.train`):
+``--epochs`` of training with ``--optimizer`` (`natgrad.experiments.training.train`):
 
 1. one Lanczos run of ``--num-iterations`` steps: the ``--top-k`` largest Ritz values with their
    residual bounds, κ(C) and κ(C + λI) at the optimizer's damping λ (lower bounds: the Ritz values
@@ -207,8 +207,7 @@ def _line(name: str, state: dict[str, Any], max_condition: float) -> str:
 
 def run(args) -> int:
     """Run `natgrad spectrum` with parsed `args`; writes spectrum.json and spectrum.png."""
-    from natgrad.experiments import cli, lineup
-    from natgrad.experiments import run as run_lib
+    from natgrad.experiments import cli, lineup, training
 
     if args.top_k > args.num_iterations:
         raise cli.UsageError(
@@ -224,10 +223,10 @@ def run(args) -> int:
     optimizer = lineup.build(args.optimizer, hyper[args.optimizer], model)
     config = cli._run_config(args)
 
-    idx = run_lib.batch_order(len(dataset.x_train), config.batch_size, config.seed, 0)[0]
+    idx = training.batch_order(len(dataset.x_train), config.batch_size, config.seed, 0)[0]
     x = dataset.x_train[idx]
     batch = (x, model.targets(x, dataset.y_train[idx]))
-    initial = run_lib.init_state(model, optimizer, config.seed)
+    initial = training.init_state(model, optimizer, config.seed)
     n = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(initial.params))
     m = min(args.num_iterations, n)
     analyse = _analyse(model, args.curvature, m, args.num_probes, batch)
@@ -240,7 +239,7 @@ def run(args) -> int:
         return _summarise(top, nodes, weights, loss_value, k, damping, args.max_condition)
 
     states = {"init": measure(initial.params, initial.opt_state)}
-    result = run_lib.train(
+    result = training.train(
         optimizer, model, dataset, config, progress_bar=not args.no_progress, log=cli._say
     )
     states["trained"] = measure(result.state.params, result.state.opt_state)

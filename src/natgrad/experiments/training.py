@@ -1,13 +1,17 @@
-"""Train one optimizer: the loop every optimizer of a comparison shares.
+"""Training: the one training step every harness uses, and the loop of the `natgrad` command.
 
-Fairness and reproducibility:
+`make_step` builds the step, ``value_and_grad`` of the mean loss, ``update`` and
+``apply_updates``, for any optax transform: natgrad's optimizers (and any
+`optax.GradientTransformationExtraArgs`) get ``batch=(x, t)`` and ``key=``. The benchmarks, the
+examples and `train` below all jit this one function.
+
+`train` trains one optimizer of a comparison. Fairness and reproducibility:
 
 * Every optimizer starts from the same parameters, ``model.init(k_init)`` with
   ``k_init, k_run = split(PRNGKey(seed))``, and sees the same batches: epoch e visits the training
   set in the order ``numpy.random.default_rng((seed, e)).permutation(N)``, in ⌊N/B⌋ full batches.
-* One jitted step, ``value_and_grad`` + ``update`` + ``apply_updates``, compiled ahead of time
-  (``jit(step).lower(...).compile()``) and timed apart from training. natgrad's optimizers get
-  ``batch=(x, y)`` and a fresh ``key=`` split from the state's key; optax's get neither.
+* One jitted step (`make_step`), compiled ahead of time (``jit(step).lower(...).compile()``) and
+  timed apart from training; the step's key is split from the state's key.
 * Training time counts the steps only (batch gathering, the step, fetching its stats); it
   excludes compilation, evaluation and checkpointing.
 * The state (params, optimizer state, RNG key) and the progress (step, curve so far, running sums
@@ -22,7 +26,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -46,6 +50,8 @@ __all__ = [
     "batch_order",
     "eval_steps",
     "init_state",
+    "make_step",
+    "state_stats",
     "train",
 ]
 
@@ -128,29 +134,42 @@ def init_state(model: Model, optimizer: Optimizer, seed: int) -> TrainState:
     return TrainState(params, optimizer.transform.init(params), run_key)
 
 
-def make_step(model: Model, optimizer: Optimizer) -> Callable:
-    """``step(params, opt_state, key, x, t) -> (params, opt_state, key, stats)``, pure."""
+def make_step(transform: optax.GradientTransformation, apply_fn: Callable, loss) -> Callable:
+    """``step(params, opt_state, batch, key) -> (params, opt_state, loss value)``, pure.
 
-    def mean_loss(params, x, t):
-        return model.loss.mean(model.apply(params, x), t)
+    ``batch = (x, t)``; the mean loss is ``loss.mean(apply_fn(params, x), t)`` (a
+    `natgrad.losses` loss). ``key`` goes to ``update`` with the batch when `transform` takes
+    extra arguments (natgrad's optimizers use it for sampled curvature); jit the step yourself.
+    """
+    extra_args = isinstance(transform, optax.GradientTransformationExtraArgs)
 
-    def step(params, opt_state, key, x, t):
-        key, sub = jax.random.split(key)
-        loss, grads = jax.value_and_grad(mean_loss)(params, x, t)
-        if optimizer.takes_batch:
-            updates, opt_state = optimizer.transform.update(
-                grads, opt_state, params, batch=(x, t), key=sub
-            )
+    def step(params, opt_state, batch, key):
+        x, t = batch
+        value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, x), t))(params)
+        if extra_args:
+            updates, opt_state = transform.update(grads, opt_state, params, batch=batch, key=key)
         else:
-            updates, opt_state = optimizer.transform.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        stats = {"loss": loss}
-        for name in AVERAGED_STATS:
-            if hasattr(opt_state, name):
-                stats[name] = getattr(opt_state, name)
-        return params, opt_state, key, stats
+            updates, opt_state = transform.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
 
     return step
+
+
+def state_stats(opt_state: Any, names: Iterable[str]) -> dict[str, Any]:
+    """The fields `names` that `opt_state` has (natgrad's states log them; optax's have none)."""
+    return {name: getattr(opt_state, name) for name in names if hasattr(opt_state, name)}
+
+
+def _loop_step(model: Model, optimizer: Optimizer) -> Callable:
+    """``step(params, opt_state, key, x, t) -> (params, opt_state, key, stats)`` of `train`."""
+    step = make_step(optimizer.transform, model.apply, model.loss)
+
+    def loop_step(params, opt_state, key, x, t):
+        key, sub = jax.random.split(key)
+        params, opt_state, loss = step(params, opt_state, (x, t), sub)
+        return params, opt_state, key, {"loss": loss, **state_stats(opt_state, AVERAGED_STATS)}
+
+    return loop_step
 
 
 def make_step_kl(model: Model) -> Callable:
@@ -375,7 +394,7 @@ def train(
         state, progress, resumed_from = _start_from(ckpt, resume, state, identity, spe, total, log)
     state = put_state(state)
 
-    step = make_step(model, optimizer)
+    step = _loop_step(model, optimizer)
     x_spec = jax.ShapeDtypeStruct(
         (config.batch_size, *x_train.shape[1:]), x_train.dtype, sharding=batch_spec
     )
