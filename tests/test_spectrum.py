@@ -1,6 +1,5 @@
 """`natgrad spectrum` on small synthetic data, called directly through its parser."""
 
-import argparse
 import json
 import os
 
@@ -13,10 +12,7 @@ SMALL = ["--dataset", "synthetic", "--hidden", "8", "--batch-size", "64", "--no-
 
 
 def _parse(*argv):
-    parser = argparse.ArgumentParser(prog="natgrad")
-    sub = parser.add_subparsers(dest="command", required=True)
-    spectrum.add_parser(sub, cli._add_common)
-    return parser.parse_args(["spectrum", *argv])
+    return cli.build_parser("spectrum").parse_args(["spectrum", *argv])
 
 
 def test_spectrum_writes_json_and_figure(tmp_path, capsys):
@@ -58,5 +54,5 @@ def test_spectrum_rejects_top_k_above_the_iterations(tmp_path):
 
 def test_spectrum_options_are_checked_by_the_parser():
     for bad in (["--num-probes", "0"], ["--max-condition", "1"], ["--curvature", "adam"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(cli.UsageError, match=bad[0]):
             _parse(*SMALL, *bad)

@@ -4,6 +4,7 @@ Each entry's hyperparameters are its factory's keyword arguments with their defa
 the factory's signature, overlaid by the few the experiment chooses (the learning rates of SGD and
 Adam, the curvature and damping of the natural-gradient variants). `natgrad lineup` prints them;
 results.json records them; ``--set NAME.KEY=VALUE`` overrides any of them for one optimizer.
+This module is also the `natgrad lineup` command (`run`).
 
 ``damping=None`` is the library default: Levenberg-Marquardt adaptation (natgrad.damping). A
 number means a fixed λ.
@@ -12,13 +13,15 @@ number means a fixed λ.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-import optax
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import natgrad
+
+if TYPE_CHECKING:
+    import optax
 
 __all__ = [
     "Entry",
@@ -29,7 +32,12 @@ __all__ = [
     "parse_override",
     "resolve",
     "build",
+    "HELP",
+    "add_arguments",
+    "run",
 ]
+
+HELP = "list the optimizers and their default hyperparameters"
 
 # Arguments the runner supplies itself: they are not hyperparameters.
 _MODEL_ARGS = ("apply_fn", "loss")
@@ -76,6 +84,8 @@ class Optimizer(NamedTuple):
 
 def registry() -> dict[str, Entry]:
     """Every optimizer the experiments know, in the order of the default lineup."""
+    import optax
+
     entries = [
         Entry("sgd", optax.sgd, {"learning_rate": 0.1}, False, "plain SGD"),
         Entry("adam", optax.adam, {"learning_rate": 1e-3}, False, "Adam"),
@@ -205,3 +215,15 @@ def build(name: str, hyper: Mapping[str, Any], model) -> Optimizer:
     except (TypeError, ValueError) as err:
         raise LineupError(f"{name}: {err}") from None
     return Optimizer(name, transform, dict(hyper))
+
+
+def add_arguments(p) -> None:
+    """`natgrad lineup` takes no options."""
+
+
+def run(args) -> int:
+    """`natgrad lineup`: print every optimizer with its hyperparameters."""
+    for name, entry in registry().items():
+        hyper = json.dumps(entry.defaults(), default=repr)
+        print(f"{name:14} {entry.summary}\n{'':14} {hyper}")
+    return 0

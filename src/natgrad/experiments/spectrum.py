@@ -23,59 +23,38 @@ Writes ``spectrum.json`` (everything above, and the raw Ritz nodes and weights) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
-__all__ = ["add_parser", "run", "FLOOR"]
+from natgrad.experiments import session
+from natgrad.experiments.options import UsageError, number
 
+__all__ = ["HELP", "add_arguments", "run", "FLOOR"]
+
+HELP = "curvature spectrum at initialisation and after training"
 FLOOR = 1e-6  # relative to the largest eigenvalue: below it, "zero" curvature
 GRID_POINTS = 400
 
 
 def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
+    return number(int, lambda v: v >= low, f"an integer >= {low}")
 
 
-def _above_one(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 1 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number > 1, got {text!r}")
-    return value
-
-
-def add_parser(subparsers, add_common) -> argparse.ArgumentParser:
-    """Add the `spectrum` subcommand to `subparsers`; `add_common` adds the data/run options."""
+def add_arguments(p) -> None:
+    """The `spectrum` options: the optimizer and data/run options, and what to measure."""
     from natgrad.curvature import CURVATURES
-    from natgrad.experiments import lineup
-    from natgrad.experiments.cli import _Help
+    from natgrad.experiments import lineup, options
 
-    p = subparsers.add_parser(
-        "spectrum",
-        help="curvature spectrum at initialisation and after training",
-        description="The curvature's spectrum at initialisation and after training: top "
-        "eigenvalues (Lanczos), spectral density (stochastic Lanczos quadrature), conditioning.",
-        formatter_class=_Help,
+    p.description = (
+        "The curvature's spectrum at initialisation and after training: top eigenvalues "
+        "(Lanczos), spectral density (stochastic Lanczos quadrature), conditioning."
     )
     p.add_argument("--optimizer", default="ngd-fisher", choices=lineup.default_lineup())
-    add_common(p)
+    options.add_common(p)
     p.add_argument("--curvature", default="ggn", choices=CURVATURES, help="the operator analysed")
     p.add_argument("--top-k", type=_int_at_least(1), default=10, help="top eigenvalues reported")
     p.add_argument(
@@ -83,15 +62,18 @@ def add_parser(subparsers, add_common) -> argparse.ArgumentParser:
     )
     p.add_argument("--num-probes", type=_int_at_least(1), default=8, help="SLQ start vectors")
     p.add_argument(
-        "--max-condition", type=_above_one, default=1e3, help="κ target of the suggested damping"
+        "--max-condition",
+        type=number(float, lambda v: 1 < v < math.inf, "a number > 1"),
+        default=1e3,
+        help="κ target of the suggested damping",
     )
     p.add_argument("--out", help="output directory (default: results/<dataset>-spectrum)")
-    p.set_defaults(handler=run)
-    return p
 
 
 def _analyse(model, curvature: str, m: int, num_probes: int, batch):
     """A jitted ``(params, key) -> (Lanczos run, SLQ nodes, SLQ weights, loss)`` on `batch`."""
+    import jax
+
     from natgrad import curvature as curvature_lib
     from natgrad import diagnostics
 
@@ -207,21 +189,23 @@ def _line(name: str, state: dict[str, Any], max_condition: float) -> str:
 
 def run(args) -> int:
     """Run `natgrad spectrum` with parsed `args`; writes spectrum.json and spectrum.png."""
-    from natgrad.experiments import cli, lineup, training
+    import jax
+
+    from natgrad.experiments import lineup, training
 
     if args.top_k > args.num_iterations:
-        raise cli.UsageError(
+        raise UsageError(
             f"--top-k {args.top_k}: must be at most --num-iterations ({args.num_iterations})"
         )
     hyper = lineup.resolve([args.optimizer], [lineup.parse_override(t) for t in args.set])
-    cli._use_devices(args.devices)
-    out = cli._writable_dir(
+    session.use_devices(args.devices)
+    out = session.writable_dir(
         args.out or os.path.join("results", f"{args.dataset}-spectrum"), "--out"
     )
-    dataset = cli._load_data(args)
-    model = cli._model(args, dataset)
+    dataset = session.load_data(args)
+    model = session.build_model(args, dataset)
     optimizer = lineup.build(args.optimizer, hyper[args.optimizer], model)
-    config = cli._run_config(args)
+    config = session.run_config(args)
 
     idx = training.batch_order(len(dataset.x_train), config.batch_size, config.seed, 0)[0]
     x = dataset.x_train[idx]
@@ -240,14 +224,14 @@ def run(args) -> int:
 
     states = {"init": measure(initial.params, initial.opt_state)}
     result = training.train(
-        optimizer, model, dataset, config, progress_bar=not args.no_progress, log=cli._say
+        optimizer, model, dataset, config, progress_bar=not args.no_progress, log=session.say
     )
     states["trained"] = measure(result.state.params, result.state.opt_state)
 
     largest = max(max(s["top_eigenvalues"][0], 0.0) for s in states.values())
     floor = FLOOR * largest if largest > 0 else FLOOR
     document = {
-        "config": cli._config_record("spectrum", args, dataset, model, hyper),
+        "config": session.config_record("spectrum", args, dataset, model, hyper),
         "curvature": args.curvature,
         "optimizer": args.optimizer,
         "num_parameters": n,

@@ -75,6 +75,11 @@ class RunConfig:
     seed: int = 0
     eval_every: float = 0.25  # in epochs
     devices: int | None = None  # shard each batch over this many devices (None: no mesh)
+    max_steps: int | None = None  # train this many steps instead of `epochs` epochs
+
+    def total_steps(self, spe: int) -> int:
+        """Steps of the run at `spe` steps per epoch."""
+        return self.max_steps if self.max_steps is not None else spe * self.epochs
 
 
 class TrainState(NamedTuple):
@@ -380,8 +385,9 @@ def train(
     log = log or (lambda message: None)
     n = len(data.x_train)
     spe = steps_per_epoch(n, config.batch_size)
-    total = spe * config.epochs
-    evals = set(eval_steps(spe, config.epochs, config.eval_every))
+    total = config.total_steps(spe)
+    evals = {s for s in eval_steps(spe, -(-total // spe), config.eval_every) if s < total}
+    evals.add(total)
     identity = run_identity(optimizer, model, data, config)
     x_train, t_train = data.x_train, model.targets(data.x_train, data.y_train)
     x_test, t_test = data.x_test, model.targets(data.x_test, data.y_test)
