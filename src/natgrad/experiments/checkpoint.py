@@ -58,11 +58,33 @@ def _temporary_prefix(path: str) -> str:
     return f".{os.path.basename(path)}."
 
 
+def _writer_alive(name: str, prefix: str) -> bool:
+    """Whether the temp file `name` (``<prefix><pid>.<random>.tmp``) belongs to a live process
+    other than this one; a name without a pid (an older writer's) counts as stale."""
+    pid = name[len(prefix) :].split(".", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def remove_stale_temporaries(path: str) -> list[str]:
-    """Delete the temp files a killed writer of `path` left behind; returns their names."""
+    """Delete the temp files killed writers of `path` left behind; returns their names.
+
+    Temp names carry the writer's pid: the temp file of another live process is kept.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     prefix = _temporary_prefix(path)
-    stale = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
+    stale = [
+        n
+        for n in os.listdir(directory)
+        if n.startswith(prefix) and n.endswith(".tmp") and not _writer_alive(n, prefix)
+    ]
     for name in stale:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
@@ -80,7 +102,8 @@ def _fsync_directory(directory: str) -> None:
 def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` atomically: ``write(f)`` fills a temp file that then replaces `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temporary_prefix(path), suffix=".tmp")
+    prefix = f"{_temporary_prefix(path)}{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -35,6 +35,6 @@ def run(args) -> int:
     else:
         names = lineup.check_names(n.strip() for n in args.optimizers.split(",") if n.strip())
     out = args.out or os.path.join("results", args.dataset)
-    record, results, seconds, _ = session.train_all(args, names, out)
-    session.report(out, record, results, seconds)
-    return 0
+    with session.claimed((out, "--out")):
+        record, results, seconds, _ = session.train_all(args, names, out)
+        return session.report(out, record, results, seconds)

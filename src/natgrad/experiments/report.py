@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +26,10 @@ __all__ = [
     "machine_info",
     "markdown_table",
     "plot_curves",
+    "result_files",
     "strip_timings",
     "write_results",
+    "write_text",
 ]
 
 TIMING_SUFFIX = "_seconds"
@@ -161,20 +163,15 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def write_results(
-    out_dir: str,
+def result_files(
     config: Mapping[str, Any],
     results: Mapping[str, Mapping[str, Any]],
     *,
     total_seconds: float | None = None,
     title: str = "",
-) -> dict[str, str]:
-    """Write results.json, table.md and curves.png to `out_dir`; returns their paths."""
-    paths = {
-        "results": os.path.join(out_dir, "results.json"),
-        "table": os.path.join(out_dir, "table.md"),
-        "curves": os.path.join(out_dir, "curves.png"),
-    }
+) -> dict[str, tuple[str, Callable[[str], None]]]:
+    """``{"results" | "table" | "curves": (file name, write(path))}``: results.json, table.md
+    and curves.png, each written by its own function (so one failing spares the others)."""
     document = {
         "config": config,
         "machine": machine_info(),
@@ -182,10 +179,26 @@ def write_results(
         "total_seconds": total_seconds,
     }
     text = json.dumps(document, indent=2, default=_json_default) + "\n"
-    write_atomic(paths["results"], lambda f: f.write(text.encode("utf-8")))
     table = markdown_table(results)
-    write_atomic(paths["table"], lambda f: f.write(table.encode("utf-8")))
-    plot_curves(results, paths["curves"], title)
+    return {
+        "results": ("results.json", lambda path: write_text(path, text)),
+        "table": ("table.md", lambda path: write_text(path, table)),
+        "curves": ("curves.png", lambda path: plot_curves(results, path, title)),
+    }
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (UTF-8)."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_results(out_dir: str, config, results, *, total_seconds=None, title="") -> dict:
+    """Write results.json, table.md and curves.png to `out_dir`; returns their paths."""
+    paths = {}
+    files = result_files(config, results, total_seconds=total_seconds, title=title)
+    for kind, (name, write) in files.items():
+        paths[kind] = os.path.join(out_dir, name)
+        write(paths[kind])
     return paths
 
 

@@ -4,10 +4,13 @@ the run configuration; training every optimizer asked for; the results on disk a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from natgrad.experiments.options import UsageError
@@ -16,6 +19,7 @@ __all__ = [
     "say",
     "use_devices",
     "writable_dir",
+    "claimed",
     "load_data",
     "build_model",
     "run_config",
@@ -57,6 +61,54 @@ def writable_dir(path: str, flag: str) -> str:
     except OSError as err:
         raise UsageError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
     return path
+
+
+LOCK_NAME = ".natgrad.lock"
+
+
+@contextlib.contextmanager
+def claimed(*dirs: tuple[str | None, str]) -> Iterator[None]:
+    """Make each ``(directory, flag)`` (None: skipped), check that it is writable, and hold its
+    lock file while the block runs: a directory in use by another live run is a UsageError.
+
+    The lock is an exclusive `fcntl.flock` on ``<directory>/.natgrad.lock``, which holds the
+    owner's pid: the kernel drops it when its process ends, however it ends, so the lock of a
+    dead run is simply taken over. The file is left in place (removing it would let a run
+    waiting on the old file and one creating a new file both hold "the" lock).
+    """
+    with contextlib.ExitStack() as stack:
+        held = set()
+        for directory, flag in dirs:
+            if directory is None:
+                continue
+            writable_dir(directory, flag)
+            if os.path.realpath(directory) not in held:
+                held.add(os.path.realpath(directory))
+                stack.enter_context(_lock(directory, flag))
+        yield
+
+
+@contextlib.contextmanager
+def _lock(directory: str, flag: str) -> Iterator[None]:
+    path = os.path.join(directory, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise UsageError(f"{flag} {directory}: cannot lock {path} ({err.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise UsageError(
+                f"{flag} {directory}: in use by another natgrad run (pid {owner}, lock {path}); "
+                f"wait for it or choose another {flag}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def load_data(args):
@@ -129,7 +181,8 @@ def _summary(result) -> str:
 
 
 def train_all(args, names, out, **train_kwargs):
-    """Resolve, load, build and train every optimizer of `names` with the options `args`.
+    """Resolve, load, build and train every optimizer of `names` with the options `args`
+    (the caller has `claimed` the output directories).
 
     Returns (config record, {name: result record}, seconds, the last `training.RunResult`).
     """
@@ -138,9 +191,6 @@ def train_all(args, names, out, **train_kwargs):
     overrides = [lineup.parse_override(text) for text in args.set]
     hyper = lineup.resolve(names, overrides)
     use_devices(args.devices)
-    writable_dir(out, "--out")
-    if train_kwargs.get("checkpoint_dir"):
-        writable_dir(train_kwargs["checkpoint_dir"], "--checkpoint-dir")
     dataset = load_data(args)
     model = build_model(args, dataset)
     optimizers = [lineup.build(name, hyper[name], model) for name in names]
@@ -165,13 +215,48 @@ def train_all(args, names, out, **train_kwargs):
     return record, results, seconds, result
 
 
-def report(out, record, results, seconds) -> None:
-    """Write results.json, table.md and curves.png to `out`; print the table and the paths."""
+def report(out, record, results, seconds, extra=None) -> int:
+    """Write results.json, table.md, curves.png and `extra` ({kind: (file name, write(path))})
+    to `out`, then print the table and where each file went; returns the exit status.
+
+    Nothing of a finished run is lost to a failed write: each file is written on its own (an
+    --out removed meanwhile is made again), a file that cannot be written in `out` goes to a
+    fresh temp directory instead, and one line on stderr says which; the status is then 1.
+    """
     from natgrad.experiments import report as report_lib
 
     model = f"{record['model']} {'-'.join(map(str, record['sizes']))}"
     title = f"{model} on {record['dataset']}, batch {record['batch_size']}"
-    paths = report_lib.write_results(out, record, results, total_seconds=seconds, title=title)
+    files = report_lib.result_files(record, results, total_seconds=seconds, title=title)
+    files |= extra or {}
+    with contextlib.suppress(OSError):
+        os.makedirs(out, exist_ok=True)
+    written, failed = _write_all(files, out)
+    if failed:
+        spare = None
+        with contextlib.suppress(OSError):
+            spare = tempfile.mkdtemp(prefix="natgrad-results-")
+        moved, _ = _write_all({k: files[k] for k in failed}, spare) if spare else ({}, None)
+        written |= moved
     print(report_lib.markdown_table(results))
     print(f"total time: {seconds:.1f} s (training, compilation and evaluation)")
-    print(f"results: {paths['results']}  table: {paths['table']}  curves: {paths['curves']}")
+    print("  ".join(f"{kind}: {path}" for kind, path in written.items()))
+    if not failed:
+        return 0
+    problems = ", ".join(f"{os.path.join(out, files[k][0])} ({why})" for k, why in failed.items())
+    where = f"written to {spare} instead" if moved else "nowhere else writable either"
+    say(f"natgrad: error: could not write {problems}; {where}")
+    return 1
+
+
+def _write_all(files, directory) -> tuple[dict[str, str], dict[str, str]]:
+    """Write each of `files` into `directory`: ({kind: path} written, {kind: why} failed)."""
+    written, failed = {}, {}
+    for kind, (name, write) in files.items():
+        path = os.path.join(directory, name)
+        try:
+            write(path)
+            written[kind] = path
+        except OSError as err:
+            failed[kind] = err.strerror or str(err)
+    return written, failed

@@ -189,6 +189,12 @@ def _line(name: str, state: dict[str, Any], max_condition: float) -> str:
 
 def run(args) -> int:
     """Run `natgrad spectrum` with parsed `args`; writes spectrum.json and spectrum.png."""
+    out = args.out or os.path.join("results", f"{args.dataset}-spectrum")
+    with session.claimed((out, "--out")):
+        return _measure(args, out)
+
+
+def _measure(args, out: str) -> int:
     import jax
 
     from natgrad.experiments import lineup, training
@@ -199,9 +205,6 @@ def run(args) -> int:
         )
     hyper = lineup.resolve([args.optimizer], [lineup.parse_override(t) for t in args.set])
     session.use_devices(args.devices)
-    out = session.writable_dir(
-        args.out or os.path.join("results", f"{args.dataset}-spectrum"), "--out"
-    )
     dataset = session.load_data(args)
     model = session.build_model(args, dataset)
     optimizer = lineup.build(args.optimizer, hyper[args.optimizer], model)

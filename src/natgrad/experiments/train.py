@@ -41,16 +41,18 @@ def run(args) -> int:
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume: needs --checkpoint-dir (where the checkpoint is)")
     out = args.out or os.path.join("results", f"{args.dataset}-{args.optimizer}")
-    record, results, seconds, result = session.train_all(
-        args,
-        [args.optimizer],
-        out,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-    )
-    params_path = os.path.join(out, "params.npz")
-    checkpoint.save(params_path, result.state.params, {"optimizer": args.optimizer})
-    session.report(out, record, results, seconds)
-    print(f"final parameters: {params_path}")
-    return 0
+    with session.claimed((out, "--out"), (args.checkpoint_dir, "--checkpoint-dir")):
+        record, results, seconds, result = session.train_all(
+            args,
+            [args.optimizer],
+            out,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
+        params = result.state.params
+        save = (
+            "params.npz",
+            lambda path: checkpoint.save(path, params, {"optimizer": args.optimizer}),
+        )
+        return session.report(out, record, results, seconds, {"final parameters": save})
