@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 
 import jax
+import optax
 from jax import lax
 
 from benchmarks.timing import batch, machine, median_seconds, mlp, write_json
-from natgrad import _tree, curvature, losses
+from natgrad import curvature, losses
 
 TARGETS = {"ggn": 1.2, "fisher": 1.2, "empirical_fisher": 1.3, "fisher_mc": 1.3, "hessian": 2.5}
 
@@ -31,7 +32,7 @@ def _products(build, k):
 
         def body(_, v):
             w = op.mv(v)
-            return _tree.scale(1.0 / (_tree.norm(w) + 1e-30), w)
+            return optax.tree.scale(1.0 / (optax.tree.norm(w) + 1e-30), w)
 
         return lax.fori_loop(0, k, body, params)
 
