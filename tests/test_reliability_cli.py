@@ -7,6 +7,7 @@
 12. `--version`; `train` without --checkpoint-dir; `--steps N`.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -105,20 +106,27 @@ with session.claimed((sys.argv[1], "--out")):
 """
 
 
-def test_an_out_in_use_by_a_live_run_is_refused_and_taken_over_once_it_died(tmp_path, capsys):
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def _held(directory):
+    """Another live process holding `directory`'s lock, as a concurrent run does."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(directory)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "holding"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=TIMEOUT)
+
+
+def test_an_out_in_use_by_a_live_run_is_refused_and_taken_over_once_it_died(tmp_path, capsys):
+    out = tmp_path / "out"
+    with _held(out) as holder:
         assert cli.main([*COMPARE, "--out", str(out)]) == 2
         line = _one_line(capsys.readouterr().err)
         assert "in use" in line and f"pid {holder.pid}" in line and str(out) in line
         assert not (out / "results.json").exists()
-    finally:
-        holder.kill()
-        holder.wait(timeout=TIMEOUT)
     # The holder died (SIGKILL): its lock file, with its pid, stays and is taken over.
     assert (out / session.LOCK_NAME).read_text().strip() == str(holder.pid)
     assert cli.main([*COMPARE, "--out", str(out)]) == 0
@@ -127,20 +135,13 @@ def test_an_out_in_use_by_a_live_run_is_refused_and_taken_over_once_it_died(tmp_
 
 def test_the_checkpoint_dir_is_locked_too(tmp_path, capsys):
     ck = tmp_path / "ck"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(ck)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "holding"
-        argv = ["train", "--optimizer", "sgd", *SMALL, "--steps", "2"]
+    argv = ["train", "--optimizer", "sgd", *SMALL, "--steps", "2"]
+    with _held(ck):
         assert cli.main([*argv, "--checkpoint-dir", str(ck), "--out", str(tmp_path / "o")]) == 2
         assert "--checkpoint-dir" in _one_line(capsys.readouterr().err)
-        # --out and --checkpoint-dir may be one directory: one lock, not a conflict with itself.
-        same = str(tmp_path / "same")
-        assert cli.main([*argv, "--checkpoint-dir", same, "--out", same]) == 0
-    finally:
-        holder.kill()
-        holder.wait(timeout=TIMEOUT)
+    # --out and --checkpoint-dir may be one directory: one lock, not a conflict with itself.
+    same = str(tmp_path / "same")
+    assert cli.main([*argv, "--checkpoint-dir", same, "--out", same]) == 0
 
 
 def _dead_pid() -> int:
