@@ -92,7 +92,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over the training set")
     p.add_argument(
-        "--steps", type=positive_int, help="stop after this many steps (default: --epochs)"
+        "--steps",
+        type=positive_int,
+        help="train this many steps instead of --epochs epochs (the batch order goes on "
+        "epoch after epoch)",
     )
     p.add_argument("--batch-size", type=positive_int, default=128, help="examples per step")
     p.add_argument("--seed", type=seed, default=0, help="initial parameters, batch order, sampling")
