@@ -5,6 +5,7 @@ every kind of file; its checkpoint is then damaged in each way a user or a disk 
 and `natgrad train --resume` must answer each with one line naming the file and exit status 2.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -247,3 +248,19 @@ def test_fashion_mnist_with_an_empty_data_dir_is_refused_not_the_system_copy(
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and str(given) in lines[0], captured.err
     assert not (tmp_path / "o" / "results.json").exists()
+    # With the files there, they are used, and results.json says which (directory, SHA-256s).
+    shutil.rmtree(given)
+    _tiny_fashion(given)
+    (given / "t10k-labels-idx1-ubyte").write_bytes(_idx(np.arange(8)[::-1] % 10))  # not system's
+    assert cli.main([*args, "--data-dir", str(given), "--out", str(tmp_path / "o")]) == 0
+    with open(tmp_path / "o" / "results.json") as f:
+        source = json.load(f)["config"]["data_source"]
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in given.iterdir()}
+    assert source == {"kind": "idx", "directory": str(given), "files": expected}
+
+
+def test_results_json_records_the_data_source(trained):
+    _, out = trained
+    with open(out / "results.json") as f:
+        source = json.load(f)["config"]["data_source"]
+    assert source["kind"] == "synthetic" and source["arguments"]["num_train"] == 512

