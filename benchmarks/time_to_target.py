@@ -244,31 +244,15 @@ def _name(sizes: Sequence[int]) -> str:
 # Data and entry point
 
 
-class Arrays(NamedTuple):
-    """The arrays the tasks use: float32 inputs in [0, 1] (pixel targets), int32 labels."""
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-
-def prepare(ds, num_train: int | None) -> Arrays:
-    """`ds` (any object with x_train, y_train, x_test, y_test) as `Arrays`, the training set cut
-    to its first `num_train` examples. The inputs must be in [0, 1]: they are the autoencoder's
-    Bernoulli targets."""
+def prepare(ds: data.Dataset, num_train: int | None) -> data.Dataset:
+    """`ds` with float32 inputs, int32 labels and the training set cut to its first `num_train`
+    examples. The inputs must be in [0, 1]: they are the autoencoder's Bernoulli targets."""
     x_train = np.asarray(ds.x_train, np.float32)[:num_train]
     x_test = np.asarray(ds.x_test, np.float32)
     if min(x_train.min(), x_test.min()) < 0 or max(x_train.max(), x_test.max()) > 1:
         raise ValueError("dataset: expected inputs in [0, 1] (pixel intensities)")
-    return Arrays(
-        getattr(ds, "name", "dataset"),
-        x_train,
-        np.asarray(ds.y_train, np.int32)[:num_train],
-        x_test,
-        np.asarray(ds.y_test, np.int32),
-    )
+    y_train, y_test = np.asarray(ds.y_train, np.int32)[:num_train], np.asarray(ds.y_test, np.int32)
+    return ds._replace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
 
 def load_fashion_mnist():
@@ -315,7 +299,12 @@ def run(settings: Settings, dataset, *, mode: str = "custom") -> dict[str, Any]:
         "benchmark": "time_to_target",
         "skipped": False,
         "mode": mode,
-        "dataset": {"name": ds.name, "num_train": len(ds.x_train), "num_test": len(ds.x_test)},
+        "dataset": {
+            "name": ds.name,
+            "num_train": len(ds.x_train),
+            "num_test": len(ds.x_test),
+            "source": ds.source,
+        },
         "seed": SEED,
         "settings": _record(settings),
         "grids": {
