@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from natgrad.experiments.options import UsageError
 
@@ -20,9 +20,8 @@ __all__ = [
     "use_devices",
     "writable_dir",
     "claimed",
-    "load_data",
-    "build_model",
-    "run_config",
+    "Setup",
+    "set_up",
     "config_record",
     "train_all",
     "report",
@@ -111,8 +110,43 @@ def _lock(directory: str, flag: str) -> Iterator[None]:
         os.close(fd)
 
 
-def load_data(args):
-    """The dataset of ``--dataset`` (and ``--data-dir``)."""
+class Setup(NamedTuple):
+    """What a training command runs, built from its options."""
+
+    hyper: dict[str, dict[str, Any]]  # every optimizer's hyperparameters
+    dataset: Any  # data.Dataset
+    model: Any  # models.Model
+    optimizers: list  # lineup.Optimizer, one per name
+    config: Any  # training.RunConfig
+
+
+def set_up(args, names) -> Setup:
+    """Resolve the optimizers `names` (with ``--set``), make the devices visible, load the data,
+    build the model and the optimizers; fails (one line) before any training would."""
+    from natgrad.experiments import lineup, models, training
+
+    hyper = lineup.resolve(names, [lineup.parse_override(text) for text in args.set])
+    use_devices(args.devices)
+    dataset = _load_data(args)
+    try:
+        n_in, n_out = dataset.x_train.shape[1], dataset.num_classes
+        model = models.build(args.model, n_in, n_out, hidden=args.hidden)
+    except ValueError as err:
+        raise UsageError(f"--hidden: {err}") from None
+    optimizers = [lineup.build(name, hyper[name], model) for name in names]
+    config = training.RunConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        devices=args.devices,
+        max_steps=args.steps,
+    )
+    training.steps_per_epoch(len(dataset.x_train), config.batch_size)
+    return Setup(hyper, dataset, model, optimizers, config)
+
+
+def _load_data(args):
     from natgrad.experiments import data
 
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
@@ -123,32 +157,6 @@ def load_data(args):
     # download behind the user's back; without one, mnist may be downloaded into the cache.
     options = {"download": False} if args.dataset == "mnist" and args.data_dir else {}
     return data.load_dataset(args.dataset, data_dir=args.data_dir, **options)
-
-
-def build_model(args, dataset):
-    """The model of ``--model`` and ``--hidden`` for `dataset`."""
-    from natgrad.experiments import models
-
-    try:
-        return models.build(
-            args.model, dataset.x_train.shape[1], dataset.num_classes, hidden=args.hidden
-        )
-    except ValueError as err:
-        raise UsageError(f"--hidden: {err}") from None
-
-
-def run_config(args):
-    """The `training.RunConfig` of the run options."""
-    from natgrad.experiments.training import RunConfig
-
-    return RunConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        devices=args.devices,
-        max_steps=args.steps,
-    )
 
 
 def config_record(command: str, args, dataset, model, hyper: dict[str, Any]) -> dict[str, Any]:
@@ -187,16 +195,9 @@ def train_all(args, names, out, **train_kwargs):
 
     Returns (config record, {name: result record}, seconds, the last `training.RunResult`).
     """
-    from natgrad.experiments import lineup, training
+    from natgrad.experiments import training
 
-    overrides = [lineup.parse_override(text) for text in args.set]
-    hyper = lineup.resolve(names, overrides)
-    use_devices(args.devices)
-    dataset = load_data(args)
-    model = build_model(args, dataset)
-    optimizers = [lineup.build(name, hyper[name], model) for name in names]
-    config = run_config(args)
-    training.steps_per_epoch(len(dataset.x_train), config.batch_size)  # fail before any training
+    hyper, dataset, model, optimizers, config = set_up(args, names)
     show_bars = not args.no_progress
     start = time.perf_counter()
     results = {}

@@ -197,18 +197,13 @@ def run(args) -> int:
 def _measure(args, out: str) -> int:
     import jax
 
-    from natgrad.experiments import lineup, training
+    from natgrad.experiments import training
 
     if args.top_k > args.num_iterations:
         raise UsageError(
             f"--top-k {args.top_k}: must be at most --num-iterations ({args.num_iterations})"
         )
-    hyper = lineup.resolve([args.optimizer], [lineup.parse_override(t) for t in args.set])
-    session.use_devices(args.devices)
-    dataset = session.load_data(args)
-    model = session.build_model(args, dataset)
-    optimizer = lineup.build(args.optimizer, hyper[args.optimizer], model)
-    config = session.run_config(args)
+    hyper, dataset, model, (optimizer,), config = session.set_up(args, [args.optimizer])
 
     idx = training.batch_order(len(dataset.x_train), config.batch_size, config.seed, 0)[0]
     x = dataset.x_train[idx]
