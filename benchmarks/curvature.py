@@ -4,7 +4,7 @@ MLP 784-512-512-10, batch 1024, float32. For each operator we time, jitted,
   build + k products   for k = 1 and k = K,
 so one product costs (T_K − T_1)/(K − 1) and the build (the single linearization) costs
 T_1 minus one product. Each is divided by the median time of `jax.grad` of the mean loss. The
-seed-style product (a fresh `jax.jvp` and `jax.vjp` per call) is timed the same way for contrast;
+naive product (a fresh `jax.jvp` and `jax.vjp` per call) is timed the same way for contrast;
 inside a loop XLA hoists its loop-invariant forward pass, so its honest per-call cost is
 `single_call_over_grad` (build + one product in one jitted call).
 Targets: ggn / fisher ≤ 1.2×, empirical_fisher and fisher_mc ≤ 1.3×, hessian ≤ 2.5×.
@@ -40,7 +40,7 @@ def _products(build, k):
 
 
 def seed_style(apply_fn, loss):
-    """The seed's product: a fresh forward pass (jvp) and backward pass (vjp) on every call."""
+    """The naive product: a fresh forward pass (jvp) and backward pass (vjp) on every call."""
 
     def build(params, data, key):
         x, y = data

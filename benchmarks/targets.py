@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 FIRST_ORDER = ("sgd", "adam")
-# The goals, as limits on ours / reference (the autoencoder's 4× and 14× inverted).
+# The goals, as limits on ours / reference (the autoencoder's 4× and 14× speed-ups inverted).
 GOALS = {
     "classifier_time_over_adam": 0.5,
     "classifier_steps_over_sgd": 0.1,

@@ -3,7 +3,7 @@ r"""Time to target on Fashion-MNIST: natgrad's optimisers against tuned SGD+mome
 A second-order optimiser earns its place only if it reaches a target sooner in wall-clock time,
 or in far fewer steps, than a tuned first-order one. Two tasks, Fashion-MNIST 60k/10k:
 
-1. Classifiers: the seed MLP 784-128-10 and a deeper 784-512-512-10 (ReLU, softmax
+1. Classifiers: the small MLP 784-128-10 and a deeper 784-512-512-10 (ReLU, softmax
    cross-entropy). The metric is the accuracy on all 10k test images. A run stops at its step
    budget, its time budget, or once it reaches the highest target; per target we report the
    time and steps of the first evaluation at or above it.
@@ -75,7 +75,7 @@ class Settings(NamedTuple):
 
 
 # Targets and budgets, from short runs on this 2-core CPU (steps are deterministic, seconds not):
-# the best Adam reaches 85 / 87 / 88 % test accuracy in ~600 / 2300 / 3200 steps on the seed
+# the best Adam reaches 85 / 87 / 88 % test accuracy in ~600 / 2300 / 3200 steps on the small
 # MLP (88 % would take ~7 epochs, not "a few", hence 87 %) and 85 / 88 % in ~600 / 2000 steps
 # on the deep one; SGD+momentum needs ~2600 steps for the top targets. A step costs ~1 ms (seed
 # MLP) / ~4 ms (deep) for Adam and ~12 / ~85 ms for natural gradient. The time budget of a run
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None, *, dataset=None, settings: Settings 
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/bench")
-    parser.add_argument("--quick", action="store_true", help="10k examples, seed MLP, tiny AE")
+    parser.add_argument("--quick", action="store_true", help="10k examples, small MLP, tiny AE")
     parser.add_argument("--synthetic", action="store_true", help="random data (smoke runs)")
     parser.add_argument("--optimizers", nargs="+", help="run only these (default: all)")
     args = parser.parse_args(argv)
