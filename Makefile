@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench bench-quick lint data clean
+.PHONY: demo test bench bench-quick bench-peers bench-peers-quick lint data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,24 @@ bench: $(VENV)/.test data
 bench-quick: $(VENV)/.test
 	$(PY) -m benchmarks --quick --out results/bench
 
+# natgrad against the 2026 lineup (issue 15). kfac-jax 0.0.8 needs jax 0.9.0.1: its rows run in
+# .venv-peers; if that cannot be built, its rows say "failed: ..." instead.
+PEERS_VENV := .venv-peers
+$(VENV)/.peers: pyproject.toml | $(PY)
+	$(PIP) install -e ".[test,peers]"
+	touch $@
+
+$(PEERS_VENV)/.stamp:
+	$(PYTHON) -m venv $(PEERS_VENV) && $(PEERS_VENV)/bin/python -m pip install -q \
+	  --disable-pip-version-check "jax==0.9.0.1" "jaxlib==0.9.0.1" "kfac-jax==0.0.8" numpy optax \
+	  && touch $@ || echo "kfac-jax: $(PEERS_VENV) could not be built; its rows will say failed"
+
+bench-peers: $(VENV)/.peers $(PEERS_VENV)/.stamp data
+	$(PY) -m benchmarks.peers --out results
+
+bench-peers-quick: $(VENV)/.peers $(PEERS_VENV)/.stamp data
+	$(PY) -m benchmarks.peers --quick --out results
+
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
@@ -49,4 +67,4 @@ data:
 	fi
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) results .pytest_cache .ruff_cache .hypothesis

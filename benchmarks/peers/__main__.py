@@ -1,0 +1,3 @@
+from benchmarks.peers.runner import main
+
+main()

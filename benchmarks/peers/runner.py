@@ -1,0 +1,273 @@
+"""The lineup's protocol: tune each optimiser on the same grid budget, then run the seeds.
+
+Per workload and optimiser (AlgoPerf-like, docs/benchmarks.md):
+
+1. Tuning: every grid value on seed 0. The chosen value reaches the top target in the least
+   training time (then: the lower target; then: the best final metric).
+2. Seeds: the chosen value on seeds 1 … n−1 too. Seed s fixes the initial parameters, the
+   batch order and natgrad's sampling keys, the same for every optimiser.
+3. Clock: chunks of steps are one ahead-of-time compiled call (``jax.jit(...).lower(...)
+   .compile()`` before the clock starts); evaluation happens between chunks, untimed; a run
+   stops at the top target, its step or time budget, or a non-finite loss (``diverged``).
+
+kfac-jax needs jax 0.9.0.1: its rows come from `benchmarks.peers.kfac_jax_rows`, run in
+``.venv-peers`` as a subprocess, and are merged. A row that cannot be built or run says
+``"status": "failed: <reason>"``. Usage: ``python -m benchmarks.peers [--quick] [--workloads …]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.peers import registry, workloads
+from benchmarks.timed_training import batch_order, eval_steps, make_chunk
+
+CHUNK, GROWTH = 10, 1.25
+SCALING = ("adam", "muon", "natgrad-kfac", "natgrad-natural-gradient")
+
+
+def timed_loop(carry, advance, evaluate, w: workloads.Workload, order, compile_seconds):
+    """Run `advance(carry, start) -> (carry, batch_losses)` chunk by chunk under the clock;
+    `evaluate(carry)` (untimed) after the steps of `eval_steps`. The run's record."""
+    top = w.targets[-1]
+    reached = (lambda m: m >= top) if w.higher_is_better else (lambda m: m <= top)
+    evals = set(eval_steps(len(order), CHUNK, GROWTH))
+    curve = {"step": [0], "seconds": [0.0], "metric": [float(evaluate(carry))]}
+    seconds, chunk_seconds, diverged = 0.0, [], False
+    for c in range(len(order) // CHUNK):
+        t0 = time.perf_counter()
+        carry, losses = advance(carry, c * CHUNK)
+        losses = np.asarray(jax.block_until_ready(losses))
+        chunk_seconds.append(time.perf_counter() - t0)
+        seconds += chunk_seconds[-1]
+        diverged = not np.all(np.isfinite(losses))
+        last = diverged or seconds >= w.seconds or c == len(order) // CHUNK - 1
+        if (c + 1) * CHUNK in evals or last:
+            metric = float(evaluate(carry))
+            diverged = diverged or not math.isfinite(metric)
+            curve["step"].append((c + 1) * CHUNK)
+            curve["seconds"].append(seconds)
+            curve["metric"].append(None if diverged else metric)
+            if last or diverged or reached(metric):
+                break
+    to_step, to_sec = {}, {}
+    for t in w.targets:
+        hit = [
+            (s, sec)
+            for s, sec, m in zip(curve["step"], curve["seconds"], curve["metric"], strict=True)
+            if m is not None and (m >= t if w.higher_is_better else m <= t)
+        ]
+        to_step[str(t)], to_sec[str(t)] = hit[0] if hit else (None, None)
+    finals = [m for m in curve["metric"] if m is not None]
+    return {
+        "steps_to_target": to_step,
+        "seconds_to_target": to_sec,
+        "final_metric": finals[-1] if finals else None,
+        "step_seconds": statistics.median(chunk_seconds) / CHUNK if chunk_seconds else None,
+        "compile_seconds": compile_seconds,
+        "train_seconds": seconds,
+        "steps": curve["step"][-1],
+        "diverged": diverged,
+        "curve": curve,
+    }
+
+
+def _compiled(key: str, value: float, w: workloads.Workload, carry, args):
+    """The AOT-compiled chunk of `key` at `value`, and its compile seconds. Peers get the knob
+    as an argument (one compile serves their grid and seeds); natgrad's factories check their
+    arguments in Python, so theirs is compiled per value (and reused across seeds)."""
+    p, traced = w.problem, key in registry.TRACEABLE
+    cache_key = (key, None if traced else value, id(p), w.batch_size, w.steps)
+    if cache_key not in _CACHE:
+
+        def chunk(v, *a):
+            built = registry.build(key, v, p.apply_fn, p.loss)
+            return make_chunk(built.opt, built.takes_batch, p, CHUNK)(*a)
+
+        t0 = time.perf_counter()
+        if traced:
+            fn = jax.jit(chunk).lower(jnp.float32(value), *carry, *args, jnp.int32(0)).compile()
+        else:
+            fn = jax.jit(partial(chunk, value)).lower(*carry, *args, jnp.int32(0)).compile()
+        _CACHE[cache_key] = (fn, time.perf_counter() - t0, w)
+    fn, seconds, _ = _CACHE[cache_key]
+    return (partial(fn, jnp.float32(value)) if traced else fn), seconds
+
+
+_CACHE: dict = {}
+
+
+def run_optax(key: str, value: float, w: workloads.Workload, seed: int) -> dict:
+    """One run of the optax-compatible optimiser `key` (peers and natgrad) at `value`."""
+    p = w.problem
+    built = registry.build(key, value, p.apply_fn, p.loss)
+    root = jax.random.PRNGKey(seed)
+    params = p.init(jax.random.fold_in(root, 0))
+    state = built.opt.init(params)
+    order = batch_order(len(p.inputs), w.batch_size, w.steps, seed + 1)
+    args = (p.inputs, p.targets, jnp.asarray(order), jax.random.fold_in(root, 2))
+    compiled, compile_seconds = _compiled(key, value, w, (params, state), args)
+
+    def advance(carry, start):
+        params, state, values, _ = compiled(*carry, *args, jnp.int32(start))
+        return (params, state), values
+
+    def evaluate(carry):
+        return p.evaluate(registry.eval_params(key, *carry))
+
+    return timed_loop((params, state), advance, evaluate, w, order, compile_seconds)
+
+
+def _score(run: dict, targets) -> tuple:
+    """Smaller is better: seconds to the top target, then to the lower, then −final metric."""
+    secs = [run["seconds_to_target"][str(t)] for t in reversed(targets)]
+    final = run["final_metric"]
+    return (*[math.inf if s is None else s for s in secs], -(final if final is not None else -1e30))
+
+
+def row(key: str, w: workloads.Workload, mode: str, run_fn, autoencoder: bool, points=None):
+    """One optimiser's row: tuning over its grid on seed 0, then the other seeds at the chosen
+    value; ``failed: <reason>`` if any run raises."""
+    knob, values = registry.grid(key, points or workloads.MODES[mode]["grid"], autoencoder)
+    out = {"status": "ok", "knob": knob, "grid": list(values), "fixed": registry.FIXED.get(key)}
+    try:
+        tuning = [run_fn(key, v, w, 0) | {"seed": 0, "grid_point": {knob: v}} for v in values]
+        best = min(range(len(values)), key=lambda i: _score(tuning[i], w.targets))
+        more = [
+            run_fn(key, values[best], w, s) | {"seed": s, "grid_point": {knob: values[best]}}
+            for s in range(1, workloads.MODES[mode]["seeds"])
+        ]
+    except Exception as err:  # a peer that cannot run still gets its row
+        return out | {"status": f"failed: {type(err).__name__}: {str(err)[:200]}", "runs": []}
+    for r in tuning:
+        print(f"  {key:26s} {knob}={r['grid_point'][knob]:<8g} {_brief(r)}", flush=True)
+    out["tuning"] = [{k: v for k, v in r.items() if k != "curve"} for r in tuning]
+    return out | {"chosen": {knob: values[best]}, "runs": [tuning[best], *more]}
+
+
+def _brief(r: dict) -> str:
+    return (
+        f"{r['steps']:5d} steps {r['train_seconds']:6.2f} s final {r['final_metric']} "
+        f"to-target {r['seconds_to_target']} {'DIVERGED' if r['diverged'] else ''}"
+    )
+
+
+def summary(opt_row: dict, targets) -> dict:
+    """Median and (min, max) over seeds of the seconds and steps to each target and the final
+    metric; a target counts as reached when the median run reaches it."""
+    out = {}
+    for field in ("seconds_to_target", "steps_to_target"):
+        for t in targets:
+            vals = [r[field][str(t)] for r in opt_row.get("runs", [])]
+            ok = sorted(v for v in vals if v is not None)
+            med = statistics.median(ok) if vals and len(ok) > len(vals) / 2 else None
+            out[f"{field}:{t}"] = {"median": med, "spread": [ok[0], ok[-1]] if ok else None}
+    finals = [r["final_metric"] for r in opt_row.get("runs", []) if r["final_metric"] is not None]
+    out["final_metric"] = statistics.median(finals) if finals else None
+    steps = [r["step_seconds"] for r in opt_row.get("runs", []) if r["step_seconds"]]
+    out["step_seconds"] = statistics.median(steps) if steps else None
+    return out
+
+
+def kfac_jax_rows(mode: str, names, out: str) -> dict:
+    """kfac-jax's rows from ``.venv-peers`` (a subprocess), or failed rows saying why."""
+    python = os.environ.get("PEERS_PYTHON", ".venv-peers/bin/python")
+    path = os.path.join(out, f"kfac-jax-{mode}.json")
+    cmd = [python, "-m", "benchmarks.peers.kfac_jax_rows", mode, path, *names]
+    if not os.path.exists(python):
+        reason = f"failed: {python} missing (make .venv-peers creates it)"
+        return {n: {"status": reason, "runs": []} for n in names}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(root, "src"), root])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode != 0 or not os.path.exists(path):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {n: {"status": f"failed: kfac-jax subprocess: {tail}", "runs": []} for n in names}
+    with open(path) as f:
+        return json.load(f)
+
+
+def batch_scaling(ds, mode: str) -> dict:
+    """Steps to the scaling target on the seed MLP per batch size, each tuned on its grid (fewest
+    steps), for `SCALING`'s optimisers; seed 0."""
+    sizes, target, steps, seconds, points = workloads.MODES[mode]["scaling"]
+    result = {"workload": "mlp", "target": target, "batch_sizes": list(sizes), "optimizers": {}}
+    for key in SCALING:
+        points = []
+        for b in sizes:
+            base = workloads.workload("mlp", ds, mode, b)
+            w = base._replace(targets=(target,), steps=steps, seconds=seconds)
+            r = row(key, w, mode, run_optax, False, points)
+            tuned = [t for t in r.get("tuning", []) if t["steps_to_target"][str(target)]]
+            best = min(tuned, key=lambda t: t["steps_to_target"][str(target)], default=None)
+            points.append(
+                {
+                    "batch_size": b,
+                    "status": r["status"],
+                    "grid_point": best and best["grid_point"],
+                    "steps_to_target": best and best["steps_to_target"][str(target)],
+                    "seconds_to_target": best and best["seconds_to_target"][str(target)],
+                }
+            )
+        result["optimizers"][key] = points
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="natgrad against the 2026 lineup")
+    parser.add_argument("--quick", action="store_true", help="10k examples, 1 seed, grids of 1")
+    parser.add_argument("--workloads", nargs="+", help="default: all of the mode's workloads")
+    parser.add_argument("--optimizers", nargs="+", default=list(registry.KEYS))
+    parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    args.workloads = args.workloads or list(workloads.MODES[mode]["workloads"])
+    unknown = set(args.optimizers) - set(registry.KEYS) or set(args.workloads) - set(
+        workloads.MODES[mode]["workloads"]
+    )
+    if unknown:
+        parser.error(f"unknown names {sorted(unknown)}")
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    ds = workloads.load_data(mode)
+    kfac = kfac_jax_rows(mode, args.workloads, args.out) if "kfac-jax" in args.optimizers else {}
+    result = {"mode": mode, "protocol": workloads.MODES[mode], "workloads": {}}
+    for name in args.workloads:
+        print(f"{name}:", flush=True)
+        w = workloads.workload(name, ds, mode)
+        rows = {}
+        for key in args.optimizers:
+            ae = name == "autoencoder"
+            rows[key] = kfac[name] if key == "kfac-jax" else row(key, w, mode, run_optax, ae)
+            rows[key]["summary"] = summary(rows[key], w.targets)
+        result["workloads"][name] = {
+            "metric": "test_accuracy" if w.higher_is_better else "train_loss (2000 images)",
+            "targets": list(w.targets),
+            "batch_size": w.batch_size,
+            "note": w.note,
+            "optimizers": rows,
+        }
+    if not args.no_scaling:
+        result["batch_scaling"] = batch_scaling(ds, mode)
+    result["total_seconds"] = time.perf_counter() - start
+    path = os.path.join(args.out, f"peers{'-quick' if args.quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    from benchmarks.peers import report
+
+    print("wrote", path, *report.write(path), f"total {result['total_seconds']:.0f} s", flush=True)
+    return result

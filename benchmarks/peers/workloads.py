@@ -1,0 +1,129 @@
+"""The lineup's four Fashion-MNIST workloads and the batch-size scaling study, per mode.
+
+Every workload is a `benchmarks.timed_training.Problem` (model, training arrays, untimed metric)
+plus its batch size, targets and budgets. Classifiers are scored by accuracy on the 10k test
+images (the validation set), the autoencoder by its loss on a fixed set of training images.
+
+* ``mlp``: 784-128-10, batch 128 (the seed experiment).
+* ``deep-mlp``: 784-512-512-10, batch 1024.
+* ``autoencoder``: 784-256-64-16-64-256-784 (`natgrad.experiments.models.autoencoder`), batch 128.
+* ``cnn``: conv 3×3×8 stride 2 → conv 3×3×16 stride 2 → dense 10 (ReLU), batch 128. natgrad has
+  no convolution K-FAC yet: its K-FAC gives the two conv layers diagonal blocks (marked in JSON).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from benchmarks.timed_training import Problem
+from natgrad import layers, losses
+from natgrad.experiments import models
+
+__all__ = ["MODES", "Workload", "cnn", "workload", "load_data"]
+
+
+class Workload(NamedTuple):
+    problem: Problem
+    batch_size: int
+    targets: tuple[float, ...]  # accuracies to reach (≥), or losses (≤) for the autoencoder
+    higher_is_better: bool
+    steps: int  # step budget per run
+    seconds: float  # training-time budget per run
+    note: str = ""
+
+
+# Per mode: data sizes, seeds, grid points, per workload (batch, targets, steps, seconds), and
+# the batch-scaling study (batch sizes, target, steps, seconds, grid points). Quick targets come
+# from short runs (the best peers reach them within the budget); full ones from the existing
+# time-to-target benchmark (classifiers) and an extrapolation of the quick runs (autoencoder).
+MODES = {
+    "full": {
+        "num_train": None,
+        "num_test": 10_000,
+        "seeds": 3,
+        "grid": 3,
+        "workloads": {
+            "mlp": (128, (0.85, 0.87), 5000, 12.0),
+            "deep-mlp": (1024, (0.85, 0.88), 1500, 60.0),
+            "autoencoder": (128, (230.0, 200.0), 3000, 30.0),
+            "cnn": (128, (0.85, 0.88), 3000, 60.0),
+        },
+        "scaling": ((128, 512, 2048, 8192), 0.85, 2000, 30.0, 3),
+    },
+    "quick": {
+        "num_train": 10_000,
+        "num_test": 2_000,
+        "seeds": 1,
+        "grid": 1,
+        "workloads": {
+            "mlp": (128, (0.80, 0.83), 600, 2.0),
+            "deep-mlp": (1024, (0.75, 0.80), 100, 4.0),
+            "autoencoder": (128, (260.0, 240.0), 400, 3.0),
+            "cnn": (128, (0.70, 0.75), 300, 4.0),
+        },
+        "scaling": ((128, 1024, 8192), 0.80, 300, 3.0, 1),
+    },
+}
+
+
+def load_data(mode: str):
+    """Fashion-MNIST (`natgrad.experiments.data`), cut to the mode's train and test sizes."""
+    from natgrad.experiments import data
+
+    n, m = MODES[mode]["num_train"], MODES[mode]["num_test"]
+    ds = data.load_dataset("fashion-mnist")
+    return ds._replace(
+        x_train=ds.x_train[:n], y_train=ds.y_train[:n], x_test=ds.x_test[:m], y_test=ds.y_test[:m]
+    )
+
+
+def cnn():
+    """The small CNN: (init(key) -> params, apply(params, x (B, 784)) -> logits (B, 10))."""
+    shapes = ((3, 3, 1, 8), (3, 3, 8, 16))
+
+    def init(key):
+        params = []
+        for i, shape in enumerate(shapes):
+            fan_in = int(np.prod(shape[:3]))
+            k = jax.random.normal(jax.random.fold_in(key, i), shape) * (2.0 / fan_in) ** 0.5
+            params.append({"k": k, "b": jnp.zeros(shape[-1])})
+        w = jax.random.normal(jax.random.fold_in(key, 2), (7 * 7 * 16, 10)) * (2.0 / 784) ** 0.5
+        return params + [{"w": w, "b": jnp.zeros(10)}]
+
+    def apply(params, x):
+        x = x.reshape(-1, 28, 28, 1)
+        for p in params[:2]:
+            dims = ("NHWC", "HWIO", "NHWC")
+            x = lax.conv_general_dilated(x, p["k"], (2, 2), "SAME", dimension_numbers=dims)
+            x = jax.nn.relu(x + p["b"])
+        return layers.dense(params[2], x.reshape(x.shape[0], -1))
+
+    return init, apply
+
+
+def workload(name: str, ds, mode: str, batch_size: int | None = None) -> Workload:
+    """Workload `name` of `mode` on the dataset `ds` (batch size overridable for scaling)."""
+    batch, targets, steps, seconds = MODES[mode]["workloads"][name]
+    x_train, x_test = jnp.asarray(ds.x_train), jnp.asarray(ds.x_test)
+    if name == "autoencoder":
+        model = models.autoencoder()
+        subset = x_train[:2000]
+        loss = jax.jit(lambda p: model.loss.mean(model.apply(p, subset), subset))
+        problem = Problem(model.apply, model.loss, model.init, x_train, x_train, loss)
+        return Workload(problem, batch, targets, False, steps, seconds)
+    if name == "cnn":
+        init, apply = cnn()
+        loss, note = losses.softmax_cross_entropy(), "natgrad-kfac: conv layers on diagonal blocks"
+    else:
+        sizes = (784, 128, 10) if name == "mlp" else (784, 512, 512, 10)
+        model = models.mlp(sizes)
+        init, apply, loss, note = model.init, model.apply, model.loss, ""
+    y_test = jnp.asarray(ds.y_test)
+    accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(apply(p, x_test), -1) == y_test))
+    problem = Problem(apply, loss, init, x_train, jnp.asarray(ds.y_train), accuracy)
+    return Workload(problem, batch_size or batch, targets, True, steps, seconds, note)

@@ -1,0 +1,63 @@
+"""The peers lineup end to end on a tiny workload: JSON schema, and failed peers keep their row."""
+
+import json
+
+import numpy as np
+import pytest
+from benchmarks.peers import registry, runner, workloads
+
+from natgrad.experiments import data
+
+TINY = {
+    "num_train": 512,
+    "num_test": 256,
+    "seeds": 2,
+    "grid": 2,
+    "workloads": {"mlp": (32, (0.3, 0.5), 20, 30.0)},
+    "scaling": ((32,), 0.3, 20, 30.0, 1),
+}
+
+
+def test_tiny_lineup_schema_and_failed_rows(tmp_path, monkeypatch):
+    ds = data.synthetic(num_train=512, num_test=256, num_features=784, num_classes=10, seed=0)
+    monkeypatch.setitem(workloads.MODES, "quick", TINY)
+    monkeypatch.setattr(workloads, "load_data", lambda mode: ds)
+    monkeypatch.setattr(runner, "SCALING", ("adam",))
+    monkeypatch.setenv("PEERS_PYTHON", str(tmp_path / "no-such-python"))
+    build = registry.build
+
+    def broken(key, *args):
+        if key == "psgd-kron":
+            raise ImportError("No module named 'psgdax'")
+        return build(key, *args)
+
+    monkeypatch.setattr(registry, "build", broken)
+    keys = ["adam", "sgd-momentum", "psgd-kron", "kfac-jax"]
+    runner.main(["--quick", "--out", str(tmp_path), "--optimizers", *keys])
+
+    result = json.loads((tmp_path / "peers-quick.json").read_text())
+    rows = result["workloads"]["mlp"]["optimizers"]
+    assert list(rows) == keys
+    assert rows["psgd-kron"]["status"].startswith("failed: ImportError")
+    assert rows["kfac-jax"]["status"].startswith("failed: ")
+    assert rows["psgd-kron"]["runs"] == [] and rows["kfac-jax"]["runs"] == []
+    for key in ("adam", "sgd-momentum"):
+        row = rows[key]
+        assert row["status"] == "ok" and len(row["grid"]) == 2 and len(row["runs"]) == 2
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        for run in row["runs"]:
+            assert run["grid_point"] == row["chosen"]
+            assert set(run["steps_to_target"]) == set(run["seconds_to_target"]) == {"0.3", "0.5"}
+            assert isinstance(run["diverged"], bool) and run["compile_seconds"] > 0
+            assert run["step_seconds"] > 0 and np.isfinite(run["final_metric"])
+            assert run["curve"]["step"][0] == 0 and run["steps"] <= 20
+    points = result["batch_scaling"]["optimizers"]["adam"]
+    assert [p["batch_size"] for p in points] == [32]
+    report = (tmp_path / "REPORT-peers-quick.md").read_text()
+    assert "| psgd-kron | failed: ImportError" in report
+
+
+def test_unknown_optimizer_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        runner.main(["--quick", "--optimizers", "lion"])
+    assert exc.value.code == 2
