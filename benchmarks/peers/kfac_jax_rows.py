@@ -68,7 +68,7 @@ def run_kfac_jax(key: str, value: float, w: workloads.Workload, seed: int) -> di
 
     def advance(carry, start):
         losses = []
-        for s in range(start, start + runner.CHUNK):
+        for s in range(start, start + runner.chunk_size(w)):
             *carry, stats = step(*carry, s)
             losses.append(stats["loss"])
         return tuple(carry), jnp.stack(losses)

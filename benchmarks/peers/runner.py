@@ -23,7 +23,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from functools import partial
 
@@ -34,7 +33,14 @@ import numpy as np
 from benchmarks.peers import registry, workloads
 from benchmarks.timed_training import batch_order, eval_steps, make_chunk
 
-CHUNK, GROWTH = 10, 1.25
+GROWTH = 1.25
+
+
+def chunk_size(w: workloads.Workload) -> int:
+    """Steps per compiled call: 10 at batch 128, fewer for big batches (finer stopping)."""
+    return max(1, min(10, 1280 // w.batch_size))
+
+
 SCALING = ("adam", "muon", "natgrad-kfac", "natgrad-natural-gradient")
 
 
@@ -43,21 +49,22 @@ def timed_loop(carry, advance, evaluate, w: workloads.Workload, order, compile_s
     `evaluate(carry)` (untimed) after the steps of `eval_steps`. The run's record."""
     top = w.targets[-1]
     reached = (lambda m: m >= top) if w.higher_is_better else (lambda m: m <= top)
-    evals = set(eval_steps(len(order), CHUNK, GROWTH))
+    chunk = chunk_size(w)
+    evals = set(eval_steps(len(order), chunk, GROWTH))
     curve = {"step": [0], "seconds": [0.0], "metric": [float(evaluate(carry))]}
     seconds, chunk_seconds, diverged = 0.0, [], False
-    for c in range(len(order) // CHUNK):
+    for c in range(len(order) // chunk):
         t0 = time.perf_counter()
-        carry, losses = advance(carry, c * CHUNK)
+        carry, losses = advance(carry, c * chunk)
         losses = np.asarray(jax.block_until_ready(losses))
         chunk_seconds.append(time.perf_counter() - t0)
         seconds += chunk_seconds[-1]
         diverged = not np.all(np.isfinite(losses))
-        last = diverged or seconds >= w.seconds or c == len(order) // CHUNK - 1
-        if (c + 1) * CHUNK in evals or last:
+        last = diverged or seconds >= w.seconds or c == len(order) // chunk - 1
+        if (c + 1) * chunk in evals or last:
             metric = float(evaluate(carry))
             diverged = diverged or not math.isfinite(metric)
-            curve["step"].append((c + 1) * CHUNK)
+            curve["step"].append((c + 1) * chunk)
             curve["seconds"].append(seconds)
             curve["metric"].append(None if diverged else metric)
             if last or diverged or reached(metric):
@@ -75,7 +82,7 @@ def timed_loop(carry, advance, evaluate, w: workloads.Workload, order, compile_s
         "steps_to_target": to_step,
         "seconds_to_target": to_sec,
         "final_metric": finals[-1] if finals else None,
-        "step_seconds": statistics.median(chunk_seconds) / CHUNK if chunk_seconds else None,
+        "step_seconds": statistics.median(chunk_seconds) / chunk if chunk_seconds else None,
         "compile_seconds": compile_seconds,
         "train_seconds": seconds,
         "steps": curve["step"][-1],
@@ -94,7 +101,7 @@ def _compiled(key: str, value: float, w: workloads.Workload, carry, args):
 
         def chunk(v, *a):
             built = registry.build(key, v, p.apply_fn, p.loss)
-            return make_chunk(built.opt, built.takes_batch, p, CHUNK)(*a)
+            return make_chunk(built.opt, built.takes_batch, p, chunk_size(w))(*a)
 
         t0 = time.perf_counter()
         if traced:
@@ -130,11 +137,13 @@ def run_optax(key: str, value: float, w: workloads.Workload, seed: int) -> dict:
     return timed_loop((params, state), advance, evaluate, w, order, compile_seconds)
 
 
-def _score(run: dict, targets) -> tuple:
-    """Smaller is better: seconds to the top target, then to the lower, then −final metric."""
-    secs = [run["seconds_to_target"][str(t)] for t in reversed(targets)]
+def _score(run: dict, w: workloads.Workload) -> tuple:
+    """Smaller is better: seconds to the top target, then to the lower, then the final metric
+    (negated when higher is better)."""
+    secs = [run["seconds_to_target"][str(t)] for t in reversed(w.targets)]
     final = run["final_metric"]
-    return (*[math.inf if s is None else s for s in secs], -(final if final is not None else -1e30))
+    final = math.inf if final is None else (-final if w.higher_is_better else final)
+    return (*[math.inf if s is None else s for s in secs], final)
 
 
 def row(key: str, w: workloads.Workload, mode: str, run_fn, autoencoder: bool, points=None):
@@ -144,7 +153,7 @@ def row(key: str, w: workloads.Workload, mode: str, run_fn, autoencoder: bool, p
     out = {"status": "ok", "knob": knob, "grid": list(values), "fixed": registry.FIXED.get(key)}
     try:
         tuning = [run_fn(key, v, w, 0) | {"seed": 0, "grid_point": {knob: v}} for v in values]
-        best = min(range(len(values)), key=lambda i: _score(tuning[i], w.targets))
+        best = min(range(len(values)), key=lambda i: _score(tuning[i], w))
         more = [
             run_fn(key, values[best], w, s) | {"seed": s, "grid_point": {knob: values[best]}}
             for s in range(1, workloads.MODES[mode]["seeds"])
@@ -191,8 +200,9 @@ def kfac_jax_rows(mode: str, names, out: str) -> dict:
         return {n: {"status": reason, "runs": []} for n in names}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(root, "src"), root])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
-    sys.stdout.write(proc.stdout)
+    if os.path.exists(path):
+        os.remove(path)  # never merge a stale file
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=3600, env=env)
     if proc.returncode != 0 or not os.path.exists(path):
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
         return {n: {"status": f"failed: kfac-jax subprocess: {tail}", "runs": []} for n in names}
@@ -206,14 +216,14 @@ def batch_scaling(ds, mode: str) -> dict:
     sizes, target, steps, seconds, points = workloads.MODES[mode]["scaling"]
     result = {"workload": "mlp", "target": target, "batch_sizes": list(sizes), "optimizers": {}}
     for key in SCALING:
-        points = []
+        result["optimizers"][key] = found = []
         for b in sizes:
             base = workloads.workload("mlp", ds, mode, b)
             w = base._replace(targets=(target,), steps=steps, seconds=seconds)
             r = row(key, w, mode, run_optax, False, points)
             tuned = [t for t in r.get("tuning", []) if t["steps_to_target"][str(target)]]
             best = min(tuned, key=lambda t: t["steps_to_target"][str(target)], default=None)
-            points.append(
+            found.append(
                 {
                     "batch_size": b,
                     "status": r["status"],
@@ -222,7 +232,6 @@ def batch_scaling(ds, mode: str) -> dict:
                     "seconds_to_target": best and best["seconds_to_target"][str(target)],
                 }
             )
-        result["optimizers"][key] = points
     return result
 
 
@@ -261,12 +270,13 @@ def main(argv=None) -> dict:
             "note": w.note,
             "optimizers": rows,
         }
-    if not args.no_scaling:
-        result["batch_scaling"] = batch_scaling(ds, mode)
-    result["total_seconds"] = time.perf_counter() - start
     path = os.path.join(args.out, f"peers{'-quick' if args.quick else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    for part in ("workloads", "batch_scaling"):  # the JSON is written after each part
+        if part == "batch_scaling" and not args.no_scaling:
+            result["batch_scaling"] = batch_scaling(ds, mode)
+        result["total_seconds"] = time.perf_counter() - start
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
     from benchmarks.peers import report
 
     print("wrote", path, *report.write(path), f"total {result['total_seconds']:.0f} s", flush=True)
