@@ -78,8 +78,9 @@ def _table(wl: dict) -> list[str]:
         ms = "—" if not s["step_seconds"] else f"{1e3 * s['step_seconds']:.1f}"
         comp = max(run["compile_seconds"] for run in runs)
         div = sum(run["diverged"] for run in runs)
+        chosen = ", ".join(f"{k}={v:g}" for k, v in r["chosen"].items())
         lines.append(
-            f"| {key} | ok | {r['chosen']} | {_fmt(s[f'seconds_to_target:{t1}'])} | "
+            f"| {key} | ok | {chosen} | {_fmt(s[f'seconds_to_target:{t1}'])} | "
             f"{_fmt(s[f'steps_to_target:{t1}'], digits=0)} | {_fmt(s[f'seconds_to_target:{t2}'])}"
             f" | {_fmt(s[f'steps_to_target:{t2}'], digits=0)} | {final} | {ms} | {comp:.1f} | "
             f"{div}/{len(runs)} |"
@@ -151,7 +152,7 @@ def write(json_path: str) -> list[str]:
         lines += ["", verdict(name, wl), "", f"![{name}]({os.path.basename(stem)}-{name}.png)", ""]
     bs = result.get("batch_scaling")
     if bs:
-        lines += [f"## Batch-size scaling (seed MLP, steps to {bs['target']})", ""]
+        lines += [f"## Batch-size scaling (seed MLP, steps to {bs['target']}; — = not reached)", ""]
         lines += ["| optimiser | " + " | ".join(str(b) for b in bs["batch_sizes"]) + " |"]
         lines += ["|---|" + "---|" * len(bs["batch_sizes"])]
         for key, points in bs["optimizers"].items():

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.peers import registry, workloads
+from benchmarks.targets import first_reach
 from benchmarks.timed_training import batch_order, eval_steps, make_chunk
 
 GROWTH = 1.25
@@ -48,7 +49,6 @@ def timed_loop(carry, advance, evaluate, w: workloads.Workload, order, compile_s
     """Run `advance(carry, start) -> (carry, batch_losses)` chunk by chunk under the clock;
     `evaluate(carry)` (untimed) after the steps of `eval_steps`. The run's record."""
     top = w.targets[-1]
-    reached = (lambda m: m >= top) if w.higher_is_better else (lambda m: m <= top)
     chunk = chunk_size(w)
     evals = set(eval_steps(len(order), chunk, GROWTH))
     curve = {"step": [0], "seconds": [0.0], "metric": [float(evaluate(carry))]}
@@ -67,16 +67,13 @@ def timed_loop(carry, advance, evaluate, w: workloads.Workload, order, compile_s
             curve["step"].append((c + 1) * chunk)
             curve["seconds"].append(seconds)
             curve["metric"].append(None if diverged else metric)
-            if last or diverged or reached(metric):
+            if last or diverged or (metric >= top if w.higher_is_better else metric <= top):
                 break
-    to_step, to_sec = {}, {}
-    for t in w.targets:
-        hit = [
-            (s, sec)
-            for s, sec, m in zip(curve["step"], curve["seconds"], curve["metric"], strict=True)
-            if m is not None and (m >= t if w.higher_is_better else m <= t)
-        ]
-        to_step[str(t)], to_sec[str(t)] = hit[0] if hit else (None, None)
+    hits = {
+        str(t): first_reach(*curve.values(), t, higher_is_better=w.higher_is_better)
+        for t in w.targets
+    }
+    to_step, to_sec = ({t: h[i] for t, h in hits.items()} for i in (0, 1))
     finals = [m for m in curve["metric"] if m is not None]
     return {
         "steps_to_target": to_step,
@@ -223,15 +220,12 @@ def batch_scaling(ds, mode: str) -> dict:
             r = row(key, w, mode, run_optax, False, points)
             tuned = [t for t in r.get("tuning", []) if t["steps_to_target"][str(target)]]
             best = min(tuned, key=lambda t: t["steps_to_target"][str(target)], default=None)
-            found.append(
-                {
-                    "batch_size": b,
-                    "status": r["status"],
-                    "grid_point": best and best["grid_point"],
-                    "steps_to_target": best and best["steps_to_target"][str(target)],
-                    "seconds_to_target": best and best["seconds_to_target"][str(target)],
-                }
-            )
+            point = {"batch_size": b, "status": r["status"], "grid_point": None}
+            for field in ("grid_point", "steps_to_target", "seconds_to_target"):
+                point[field] = best and (
+                    best[field] if field == "grid_point" else best[field][str(target)]
+                )
+            found.append(point)
     return result
 
 
