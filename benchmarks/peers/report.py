@@ -23,7 +23,8 @@ def _fmt(cell: dict | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _best(rows: dict, field: str, natgrad: bool | None):
-    """(key, value) of the smallest median `field` among ok rows (natgrad only / peers only)."""
+    """(keys, value) of the smallest median `field` among ok rows (natgrad only / peers only);
+    tied keys joined by " = "."""
     pick = [
         (r["summary"][field]["median"], key)
         for key, r in rows.items()
@@ -31,7 +32,10 @@ def _best(rows: dict, field: str, natgrad: bool | None):
         and r["summary"][field]["median"] is not None
         and (natgrad is None or key.startswith("natgrad") == natgrad)
     ]
-    return min(pick)[::-1] if pick else (None, None)
+    if not pick:
+        return None, None
+    value = min(pick)[0]
+    return " = ".join(k for v, k in pick if v == value), value
 
 
 def verdict(name: str, wl: dict) -> str:
@@ -42,24 +46,26 @@ def verdict(name: str, wl: dict) -> str:
             break
     else:
         return f"**{name}**: no optimiser reached {wl['targets'][0]} within the budget."
+    steps = "steps are read at evaluations 1.25× apart, so close step counts are ties"
     parts = [f"**{name}** (target {t}):"]
     for kind in ("seconds", "steps"):
         field = f"{kind}_to_target:{t}"
         win, wv = _best(rows, field, None)
         peer, pv = _best(rows, field, False)
         ours, ov = _best(rows, field, True)
-        text = f"in {label[kind]} {win} wins ({wv:.4g} {unit[kind]})"
+        text = f"In {label[kind]} {win} {'tie' if ' = ' in win else 'wins'} ({wv:.4g} {unit[kind]})"
         if ours is None:
-            text += f"; best peer {peer}; no natgrad optimiser reaches it"
+            text += f"; best peer {peer}; no natgrad optimiser reaches {t}"
         elif peer is None:
-            text += f"; best natgrad {ours}; no peer reaches it"
+            text += f"; best natgrad {ours}; no peer reaches {t}"
         else:
+            ahead = "tie" if ov == pv else ("natgrad" if ov < pv else peer) + " ahead"
             text += (
                 f"; best peer {peer} {pv:.4g}, best natgrad {ours} {ov:.4g}: natgrad ÷ peer "
-                f"= {ov / pv:.2f}× ({'natgrad' if ov < pv else peer} ahead)"
+                f"= {ov / pv:.2f}× ({ahead})"
             )
         parts.append(text + ".")
-    return " ".join(parts)
+    return " ".join(parts) + f" ({steps})."
 
 
 def _table(wl: dict) -> list[str]:
