@@ -41,7 +41,7 @@ $(VENV)/.peers: pyproject.toml | $(PY)
 
 $(PEERS_VENV)/.stamp:
 	$(PYTHON) -m venv $(PEERS_VENV) && $(PEERS_VENV)/bin/python -m pip install -q \
-	  --disable-pip-version-check "jax==0.9.0.1" "jaxlib==0.9.0.1" "kfac-jax==0.0.8" numpy optax \
+	  --disable-pip-version-check "jax==0.9.0.1" "jaxlib==0.9.0.1" "kfac-jax==0.0.8" numpy optax tqdm \
 	  && touch $@ || echo "kfac-jax: $(PEERS_VENV) could not be built; its rows will say failed"
 
 bench-peers: $(VENV)/.peers $(PEERS_VENV)/.stamp data

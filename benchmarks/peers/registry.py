@@ -10,14 +10,14 @@ kfac-jax runs in its own virtual environment (`benchmarks.peers.kfac_jax_rows`).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import optax
 
 import natgrad
 
-__all__ = ["KEYS", "FIXED", "TRACEABLE", "Built", "grid", "build", "eval_params"]
+__all__ = ["KEYS", "FIXED", "TRACEABLE", "grid", "build", "eval_params"]
 
 # Factories that accept a traced knob (so one compiled step serves the whole grid).
 TRACEABLE = ("adam", "sgd-momentum", "nadamw", "schedule-free-adamw", "muon", "psgd-kron")
@@ -43,11 +43,6 @@ FIXED = {
 }
 
 
-class Built(NamedTuple):
-    opt: optax.GradientTransformation
-    takes_batch: bool  # update(..., batch=, key=) (natgrad)
-
-
 def grid(key: str, points: int, autoencoder: bool = False) -> tuple[str, tuple[float, ...]]:
     """(knob, values) of `key`: its first `points` grid values for the task."""
     knob, values, ae_values = GRIDS[key]
@@ -63,36 +58,33 @@ def _muon_dims(params):
     return jax.tree.map(dims, params)
 
 
-def build(key: str, value: float, apply_fn, loss) -> Built:
+def build(key: str, value: float, apply_fn, loss) -> optax.GradientTransformation:
     """The optimiser `key` with its knob at `value`; raises (ImportError, ...) if it cannot."""
     if key == "adam":
-        return Built(optax.adam(value), False)
+        return optax.adam(value)
     if key == "sgd-momentum":
-        return Built(optax.sgd(value, momentum=0.9), False)
+        return optax.sgd(value, momentum=0.9)
     if key == "nadamw":
-        return Built(optax.nadamw(value), False)
+        return optax.nadamw(value)
     if key == "schedule-free-adamw":
-        return Built(optax.contrib.schedule_free_adamw(value), False)
+        return optax.contrib.schedule_free_adamw(value)
     if key == "muon":
-        return Built(
-            optax.contrib.muon(
-                value,
-                adam_learning_rate=1e-3,
-                muon_weight_dimension_numbers=_muon_dims,
-            ),
-            False,
+        dims = _muon_dims
+        return optax.contrib.muon(
+            value, adam_learning_rate=1e-3, muon_weight_dimension_numbers=dims
         )
     if key == "psgd-kron":
         import psgdax
 
-        return Built(psgdax.kron(value), False)
+        kron = psgdax.kron(value)  # declared ExtraArgs, but its update takes none: plain it
+        return optax.GradientTransformation(kron.init, lambda g, s, p=None: kron.update(g, s, p))
     if key == "natgrad-natural-gradient":
-        return Built(natgrad.natural_gradient(apply_fn, loss, kl_radius=value), True)
+        return natgrad.natural_gradient(apply_fn, loss, kl_radius=value)
     if key == "natgrad-hessian-free":
         rule = natgrad.damping.levenberg_marquardt(max(1.0, value), min_damping=value)
-        return Built(natgrad.hessian_free(apply_fn, loss, damping=rule), True)
+        return natgrad.hessian_free(apply_fn, loss, damping=rule)
     if key == "natgrad-kfac":
-        return Built(natgrad.kfac(apply_fn, loss, kl_radius=value), True)
+        return natgrad.kfac(apply_fn, loss, kl_radius=value)
     raise ValueError(f"optimizer: expected one of {KEYS} (kfac-jax runs apart), got {key!r}")
 
 

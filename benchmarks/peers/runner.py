@@ -97,8 +97,8 @@ def _compiled(key: str, value: float, w: workloads.Workload, carry, args):
     if cache_key not in _CACHE:
 
         def chunk(v, *a):
-            built = registry.build(key, v, p.apply_fn, p.loss)
-            return make_chunk(built.opt, built.takes_batch, p, chunk_size(w))(*a)
+            opt = registry.build(key, v, p.apply_fn, p.loss)
+            return make_chunk(opt, p, chunk_size(w))(*a)
 
         t0 = time.perf_counter()
         if traced:
@@ -116,10 +116,10 @@ _CACHE: dict = {}
 def run_optax(key: str, value: float, w: workloads.Workload, seed: int) -> dict:
     """One run of the optax-compatible optimiser `key` (peers and natgrad) at `value`."""
     p = w.problem
-    built = registry.build(key, value, p.apply_fn, p.loss)
+    opt = registry.build(key, value, p.apply_fn, p.loss)
     root = jax.random.PRNGKey(seed)
     params = p.init(jax.random.fold_in(root, 0))
-    state = built.opt.init(params)
+    state = opt.init(params)
     order = batch_order(len(p.inputs), w.batch_size, w.steps, seed + 1)
     args = (p.inputs, p.targets, jnp.asarray(order), jax.random.fold_in(root, 2))
     compiled, compile_seconds = _compiled(key, value, w, (params, state), args)
