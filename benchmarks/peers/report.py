@@ -95,13 +95,11 @@ def _table(wl: dict) -> list[str]:
 
 
 def _plots(result: dict, stem: str) -> list[str]:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     written = []
     for name, wl in result["workloads"].items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))

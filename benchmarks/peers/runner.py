@@ -157,29 +157,27 @@ def row(key: str, w: workloads.Workload, mode: str, run_fn, autoencoder: bool, p
         ]
     except Exception as err:  # a peer that cannot run still gets its row
         return out | {"status": f"failed: {type(err).__name__}: {str(err)[:200]}", "runs": []}
-    for r in tuning:
-        print(f"  {key:26s} {knob}={r['grid_point'][knob]:<8g} {_brief(r)}", flush=True)
+    for r, v in zip(tuning, values, strict=True):
+        brief = f"{r['steps']} steps {r['train_seconds']:.2f} s final {r['final_metric']}"
+        print(f"  {key:26s} {knob}={v:<8g} {brief} to target {r['seconds_to_target']}", flush=True)
     out["tuning"] = [{k: v for k, v in r.items() if k != "curve"} for r in tuning]
     return out | {"chosen": {knob: values[best]}, "runs": [tuning[best], *more]}
 
 
-def _brief(r: dict) -> str:
-    return (
-        f"{r['steps']:5d} steps {r['train_seconds']:6.2f} s final {r['final_metric']} "
-        f"to-target {r['seconds_to_target']} {'DIVERGED' if r['diverged'] else ''}"
-    )
-
-
 def summary(opt_row: dict, targets) -> dict:
     """Median and (min, max) over seeds of the seconds and steps to each target and the final
-    metric; a target counts as reached when the median run reaches it."""
+    metric; the median of the seeds counts an unreached target as +∞ (so it is None when most
+    seeds miss it)."""
     out = {}
     for field in ("seconds_to_target", "steps_to_target"):
         for t in targets:
             vals = [r[field][str(t)] for r in opt_row.get("runs", [])]
             ok = sorted(v for v in vals if v is not None)
-            med = statistics.median(ok) if vals and len(ok) > len(vals) / 2 else None
-            out[f"{field}:{t}"] = {"median": med, "spread": [ok[0], ok[-1]] if ok else None}
+            med = statistics.median([math.inf if v is None else v for v in vals] or [math.inf])
+            out[f"{field}:{t}"] = {
+                "median": None if med == math.inf else med,
+                "spread": [ok[0], ok[-1]] if ok else None,
+            }
     finals = [r["final_metric"] for r in opt_row.get("runs", []) if r["final_metric"] is not None]
     out["final_metric"] = statistics.median(finals) if finals else None
     steps = [r["step_seconds"] for r in opt_row.get("runs", []) if r["step_seconds"]]
@@ -193,7 +191,7 @@ def kfac_jax_rows(mode: str, names, out: str) -> dict:
     path = os.path.join(out, f"kfac-jax-{mode}.json")
     cmd = [python, "-m", "benchmarks.peers.kfac_jax_rows", mode, path, *names]
     if not os.path.exists(python):
-        reason = f"failed: {python} missing (make .venv-peers creates it)"
+        reason = f"failed: {python} missing (make bench-peers builds it)"
         return {n: {"status": reason, "runs": []} for n in names}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(root, "src"), root])}
