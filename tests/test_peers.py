@@ -61,3 +61,14 @@ def test_unknown_optimizer_is_rejected(capsys):
     with pytest.raises(SystemExit) as exc:
         runner.main(["--quick", "--optimizers", "lion"])
     assert exc.value.code == 2
+
+
+def test_missing_dataset_exits_2_with_one_line(monkeypatch, capsys):
+    def missing(mode):
+        raise data.DataNotFoundError("fashion-mnist: no IDX files")
+
+    monkeypatch.setattr(workloads, "load_data", missing)
+    with pytest.raises(SystemExit) as exc:
+        runner.main(["--quick", "--optimizers", "adam"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1

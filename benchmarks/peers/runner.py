@@ -244,7 +244,12 @@ def main(argv=None) -> dict:
         parser.error(f"unknown names {sorted(unknown)}")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    ds = workloads.load_data(mode)
+    from natgrad.experiments.data import DataError
+
+    try:
+        ds = workloads.load_data(mode)
+    except DataError as err:
+        parser.exit(2, f"benchmarks.peers: Fashion-MNIST not available ({err}); run make data\n")
     kfac = kfac_jax_rows(mode, args.workloads, args.out) if "kfac-jax" in args.optimizers else {}
     result = {"mode": mode, "protocol": workloads.MODES[mode], "workloads": {}}
     for name in args.workloads:
