@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench bench-quick bench-peers bench-peers-quick lint data clean
+.PHONY: demo test bench bench-quick bench-peers bench-peers-quick lint data clean pinn
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.test: pyproject.toml | $(PY)
 
 demo: $(VENV)/.experiments
 	$(VENV)/bin/natgrad compare --dataset mnist-5k --epochs 2 --batch-size 128 --out results/demo
+
+# Physics-informed 2D Poisson: ENGD (natgrad.dense) vs Adam, L-BFGS, GD, CG natural gradient, HF.
+pinn: $(VENV)/.experiments
+	$(VENV)/bin/natgrad pinn --problem poisson2d --budget 180 --out results/pinn-poisson2d
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -4,6 +4,7 @@
     natgrad train      train one optimizer, with checkpoints if asked       (train.py)
     natgrad spectrum   curvature spectrum before and after training        (spectrum.py)
     natgrad lineup     the optimizers and every default hyperparameter     (lineup.py)
+    natgrad pinn       PINN: exact-solve natural gradient vs baselines     (pinn_command.py)
     natgrad --version
 
 Each command module has ``HELP``, ``add_arguments(parser)`` and ``run(args) -> exit status``.
@@ -22,13 +23,19 @@ import sys
 from collections.abc import Sequence
 
 import natgrad
-from natgrad.experiments import compare, lineup, options, spectrum, train
+from natgrad.experiments import compare, lineup, options, pinn_command, spectrum, train
 from natgrad.experiments.options import UsageError
 
 __all__ = ["main", "build_parser", "COMMANDS", "PROG"]
 
 PROG = "natgrad"
-COMMANDS = {"compare": compare, "train": train, "spectrum": spectrum, "lineup": lineup}
+COMMANDS = {
+    "compare": compare,
+    "train": train,
+    "spectrum": spectrum,
+    "lineup": lineup,
+    "pinn": pinn_command,
+}
 
 
 def build_parser(command: str | None = None) -> options.Parser:
