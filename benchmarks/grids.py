@@ -23,7 +23,7 @@ MOMENTUM = 0.9  # SGD's heavy-ball momentum
 
 def hessian_free_lm(apply_fn, loss, min_damping: float):
     """Hessian-free with its default Levenberg-Marquardt damping (λ₀ = 1) floored at
-    `min_damping` (the default floor is `hessian_free.MIN_DAMPING` = 0.5)."""
+    `min_damping` (default floor: `natgrad.optimizers.defaults.HESSIAN_FREE_MIN_DAMPING`)."""
     rule = natgrad.damping.levenberg_marquardt(max(1.0, min_damping), min_damping=min_damping)
     return natgrad.hessian_free(apply_fn, loss, damping=rule)
 

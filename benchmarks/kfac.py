@@ -81,7 +81,7 @@ def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
             op = curvature.ggn(apply_fn, loss, params, data)
             apply_inverse = None
             if pre is not None:
-                apply_inverse, _ = pre.update(
+                m, _ = pre.update(
                     pre.init(params),
                     params,
                     data,
@@ -90,6 +90,7 @@ def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
                     damping=damping,
                     key=key,
                 )
+                apply_inverse = m.inverse()
             res = solvers.cg(
                 curvature.damped(op, damping).mv,
                 op.gradient(),

@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad
 from conftest import mlp_params
-from natgrad import curvature, kfac_blocks, layers, losses, preconditioners
+from natgrad import curvature, kronecker, layers, losses, preconditioners
 from natgrad.experiments import models
 
 
@@ -88,7 +88,7 @@ def test_experiment_models_declare_every_layer_and_compute_the_same():
         seen = {}
 
         def stats(p, batch, model=model, seen=seen):
-            f, seen["registered"], _ = kfac_blocks.statistics(
+            f, seen["registered"], _ = kronecker.statistics(
                 model.apply, model.loss, p, batch, key=jax.random.PRNGKey(2)
             )
             return f
@@ -118,8 +118,8 @@ def test_single_linear_layer_kronecker_product_is_the_exact_ggn(bias):
     x = jax.random.normal(jax.random.PRNGKey(2), (7, 3))
     y = jax.random.normal(jax.random.PRNGKey(3), (7, 2))
     loss = losses.squared_error()
-    f, registered, _ = kfac_blocks.statistics(
-        layers.dense, loss, params, (x, y), key=key, fisher_type="exact"
+    f, registered, _ = kronecker.statistics(
+        layers.dense, loss, params, (x, y), key=key, curvature="fisher"
     )
     assert registered == (True,) and f.a[0].shape == ((4, 4) if bias else (3, 3))
     pos = kron_positions(params, lambda p: p)
@@ -138,14 +138,14 @@ def test_linear_net_blocks_equal_the_fisher_blocks_in_expectation():
     fisher = np.asarray(curvature.fisher(linear_net, loss, params, (x, y)).to_dense())
 
     def blocks(key, fisher_type):
-        f, _, _ = kfac_blocks.statistics(
-            linear_net, loss, params, (x, y), key=key, fisher_type=fisher_type
+        f, _, _ = kronecker.statistics(
+            linear_net, loss, params, (x, y), key=key, curvature=fisher_type
         )
         return [jnp.kron(a, g) for a, g in zip(f.a, f.g, strict=True)]
 
-    exact = blocks(jax.random.PRNGKey(3), "exact")
+    exact = blocks(jax.random.PRNGKey(3), "fisher")
     num = 400
-    samples = jax.jit(jax.vmap(lambda k: blocks(k, "sampled")))(
+    samples = jax.jit(jax.vmap(lambda k: blocks(k, "fisher_mc")))(
         jax.random.split(jax.random.PRNGKey(4), num)
     )
     for layer in range(2):
@@ -168,7 +168,7 @@ def test_applied_inverse_solves_the_damped_kronecker_system_densely():
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
     y = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 2)
     loss, lam = losses.softmax_cross_entropy(), 1e-2
-    pre = preconditioners.kfac(inverse_every=1, ema_decay=0.5)
+    pre = preconditioners.kfac(inverse_every=1, statistics_every=1, ema_decay=0.5)
     flat, unravel = ravel_pytree(params)
     v = jax.random.normal(jax.random.PRNGKey(5), flat.shape)
 
@@ -176,7 +176,7 @@ def test_applied_inverse_solves_the_damped_kronecker_system_densely():
     def two_updates(params):  # the second averages and refreshes
         state = pre.init(params)
         for i in range(2):
-            apply_inverse, state = pre.update(
+            m, state = pre.update(
                 state,
                 params,
                 (x, y),
@@ -185,7 +185,7 @@ def test_applied_inverse_solves_the_damped_kronecker_system_densely():
                 damping=lam,
                 key=jax.random.PRNGKey(i),
             )
-        return state, ravel_pytree(apply_inverse(unravel(v)))[0]
+        return state, ravel_pytree(m.inverse()(unravel(v)))[0]
 
     state, got = two_updates(params)
     m = np.diag(np.asarray(ravel_pytree(state.factors.diag)[0]) + lam)
@@ -224,7 +224,7 @@ def test_kfac_trains_a_small_mnist_mlp_under_jit():
         sl = slice(128 * (i % 8), 128 * (i % 8 + 1))
         params, state, value = step(params, state, (x[sl], y[sl]), jax.random.PRNGKey(i))
         values.append(float(value))
-    assert int(state.rejected_steps) == 0 and int(state.registered_layers) == 2
+    assert int(state.rejected_steps) == 0 and int(state.preconditioner_state.registered_layers) == 2
     assert np.mean(values[-8:]) < 0.4 * np.mean(values[:2])
     assert 0 < float(state.step_kl) <= 1e-3 * (1 + 1e-5)
 
@@ -234,8 +234,9 @@ def test_kfac_trains_a_small_mnist_mlp_under_jit():
     [
         {"momentum": 0.5},
         {"damping": natgrad.damping.levenberg_marquardt(1e-2)},
+        {"curvature": "fisher"},
         {"fisher_type": "exact"},
-        {"fisher_type": "empirical"},
+        {"curvature": "empirical_fisher"},
     ],
 )
 def test_kfac_variants_take_finite_steps_that_lower_the_loss(options):
@@ -268,14 +269,14 @@ def test_unregistered_layers_fall_back_to_a_diagonal_block():
         state = train_step(opt, apply, loss)(
             params, opt.init(params), (x, y), jax.random.PRNGKey(3)
         )[1]
-        assert int(state.registered_layers) == count
-        diag = state.curvature.factors.diag
+        assert int(state.preconditioner_state.registered_layers) == count
+        diag = state.preconditioner_state.factors.diag
         assert bool(jnp.all(diag[1]["w"] > 0)) == (count < 2)
         assert bool(jnp.all(diag[0]["w"] == 0)) == (count >= 1)
     # The diagonal block alone: Δ = g / (d + λ).
-    curv = kfac_blocks.init(params)
+    curv = kronecker.init(params)
     curv = curv._replace(factors=curv.factors._replace(diag=jax.tree.map(jnp.ones_like, params)))
-    out = kfac_blocks.apply_inverse(curv, 1.0, (False, False), jax.tree.map(jnp.ones_like, params))
+    out = kronecker.apply_inverse(curv, 1.0, (False, False), jax.tree.map(jnp.ones_like, params))
     for leaf in jax.tree.leaves(out):
         np.testing.assert_allclose(leaf, 0.5)
 
@@ -292,7 +293,9 @@ def test_a_nan_batch_leaves_params_and_state_unchanged():
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params2), strict=True):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(
-        jax.tree.leaves(state.curvature), jax.tree.leaves(state2.curvature), strict=True
+        jax.tree.leaves(state.preconditioner_state),
+        jax.tree.leaves(state2.preconditioner_state),
+        strict=True,
     ):
         np.testing.assert_array_equal(a, b)
     assert int(state2.rejected_steps) == 1 and float(state2.step_size) == 0.0
@@ -310,6 +313,8 @@ def test_a_nan_batch_leaves_params_and_state_unchanged():
         ({"inverse_every": 0}, "inverse_every"),
         ({"inverse_every": 2.5}, "inverse_every"),
         ({"fisher_type": "ggn"}, "fisher_type"),
+        ({"curvature": "hessian"}, "curvature"),
+        ({"curvature": "gauss"}, "curvature"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
@@ -335,7 +340,7 @@ def test_bad_calls_raise_value_error_naming_the_argument():
         update(opt, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="targets"):
         update(opt, batch=(x, y + 5), key=jax.random.PRNGKey(0))
-    empirical = natgrad.kfac(dense_mlp, loss, fisher_type="empirical")
+    empirical = natgrad.kfac(dense_mlp, loss, curvature="empirical_fisher")
     update(empirical, batch=(x, y))  # the empirical Fisher needs no key
 
 
@@ -390,7 +395,7 @@ def test_a_flax_mlp_registers_its_layers_and_gets_the_plain_jax_update():
 
     flax_updates, flax_state = jax.jit(lambda v: update(module.apply, v))(variables)
     plain_updates, _ = jax.jit(lambda p: update(dense_mlp, p))(same)
-    assert int(flax_state.registered_layers) == 2
+    assert int(flax_state.preconditioner_state.registered_layers) == 2
     for i in range(2):
         for k in ("w", "b"):
             np.testing.assert_allclose(

@@ -448,7 +448,11 @@ def test_kfac_step_on_registering_library_model_equals_plain_jax_step(library):
         zip(lib_run, plain_run, strict=True), start=1
     ):
         assert int(lib_state.rejected_steps) == 0 and int(plain_state.rejected_steps) == 0
-        assert int(lib_state.registered_layers) == int(plain_state.registered_layers) == 3
+        assert (
+            int(lib_state.preconditioner_state.registered_layers)
+            == int(plain_state.preconditioner_state.registered_layers)
+            == 3
+        )
         moved = max(
             float(jnp.max(jnp.abs(a - b)))
             for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(plain), strict=True)
@@ -461,8 +465,8 @@ def test_kfac_step_on_registering_library_model_equals_plain_jax_step(library):
                     g[name], w[name], rtol=0, atol=1e-9 * moved, err_msg=f"step {step} {i} {name}"
                 )
         for a, b in zip(
-            jax.tree.leaves(lib_state.curvature.factors[:2]),
-            jax.tree.leaves(plain_state.curvature.factors[:2]),
+            jax.tree.leaves(lib_state.preconditioner_state.factors[:2]),
+            jax.tree.leaves(plain_state.preconditioner_state.factors[:2]),
             strict=True,
         ):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
@@ -475,8 +479,8 @@ def test_kfac_sees_registering_library_layers_as_kronecker_blocks(library):
     # A silent fall-back to diagonal blocks would leave registered_layers at 0, the factors at
     # zero and the diagonal block non-zero.
     (_, state), _ = _kfac_runs(library)[0]
-    curv = state.curvature
-    assert int(state.registered_layers) == len(SIZES) - 1
+    curv = state.preconditioner_state
+    assert int(state.preconditioner_state.registered_layers) == len(SIZES) - 1
     pairs = list(zip(SIZES[:-1], SIZES[1:], strict=True))
     assert [a.shape for a in curv.factors.a] == [(m + 1, m + 1) for m, _ in pairs]
     assert [g.shape for g in curv.factors.g] == [(n, n) for _, n in pairs]
@@ -501,11 +505,13 @@ def test_kfac_falls_back_to_diagonal_blocks_on_stock_library_layers(library):
     x, y = _batch(jnp.float64)
     runs = _kfac_run(apply_fn, params, (x, y), 3)
     state = runs[-1][1]
-    assert int(state.rejected_steps) == 0 and int(state.registered_layers) == 0
-    assert len(state.curvature.factors.a) == (len(SIZES) - 1 if library == "haiku" else 0)
-    for a in state.curvature.factors.a:
+    assert int(state.rejected_steps) == 0 and int(state.preconditioner_state.registered_layers) == 0
+    assert len(state.preconditioner_state.factors.a) == (
+        len(SIZES) - 1 if library == "haiku" else 0
+    )
+    for a in state.preconditioner_state.factors.a:
         assert bool(jnp.all(a == 0))
-    for leaf in jax.tree.leaves(state.curvature.factors.diag):
+    for leaf in jax.tree.leaves(state.preconditioner_state.factors.diag):
         assert bool(jnp.all(leaf > 0))
     values = [float(LOSS.mean(apply_fn(p, x), y)) for p, _ in [(params, None), *runs]]
     assert all(b < a for a, b in zip(values, values[1:], strict=False)), values

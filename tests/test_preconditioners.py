@@ -67,7 +67,7 @@ def test_preconditioned_cg_needs_fewer_iterations_than_plain_cg():
         "martens": preconditioners.martens_diagonal(),
         "exact": preconditioners.exact_diagonal(),
         "hutchinson": preconditioners.hutchinson_diagonal(num_probes=200),
-        "kfac": preconditioners.kfac(fisher_type="exact"),
+        "kfac": preconditioners.kfac(curvature="fisher"),
     }
 
     @jax.jit
@@ -76,7 +76,7 @@ def test_preconditioned_cg_needs_fewer_iterations_than_plain_cg():
         b, matvec = op.gradient(), curvature.damped(op, lam).mv
         out = {"none": solvers.cg(matvec, b, maxiter=1000, tol=1e-6)}
         for name, pre in candidates.items():
-            apply_inverse, _ = pre.update(
+            m, _ = pre.update(
                 pre.init(params),
                 params,
                 (x, y),
@@ -85,7 +85,7 @@ def test_preconditioned_cg_needs_fewer_iterations_than_plain_cg():
                 damping=lam,
                 key=jax.random.PRNGKey(3),
             )
-            out[name] = solvers.cg(matvec, b, maxiter=1000, tol=1e-6, preconditioner=apply_inverse)
+            out[name] = solvers.cg(matvec, b, maxiter=1000, tol=1e-6, preconditioner=m.inverse())
         return {k: (r.iterations, r.status) for k, r in out.items()}
 
     counts = iterations(params, x, y)

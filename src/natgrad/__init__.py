@@ -3,26 +3,38 @@
 from natgrad import (
     curvature,
     damping,
+    dense,
     diagnostics,
+    kronecker,
     layers,
     losses,
+    operators,
+    optimizers,
     preconditioners,
     sharding,
     solvers,
+    step_rules,
 )
 from natgrad.optimizers import (
     HessianFreeState,
+    KFACState,
     NaturalGradientState,
+    State,
     hessian_free,
+    kfac,
     natural_gradient,
 )
-from natgrad.optimizers.kfac import KFACState, kfac
 
 __all__ = [
     "curvature",
     "damping",
+    "dense",
     "diagnostics",
+    "kronecker",
     "layers",
+    "operators",
+    "optimizers",
+    "step_rules",
     "losses",
     "preconditioners",
     "sharding",
@@ -33,5 +45,6 @@ __all__ = [
     "HessianFreeState",
     "kfac",
     "KFACState",
+    "State",
 ]
 __version__ = "0.1.0"

@@ -19,12 +19,13 @@ def sub(x: PyTree, y: PyTree) -> PyTree:
 
 
 def scale(alpha, x: PyTree) -> PyTree:
-    return jax.tree.map(lambda a: alpha * a, x)
+    """alpha * x, each leaf keeping its dtype (a float32 scalar leaves a bfloat16 leaf bf16)."""
+    return jax.tree.map(lambda a: (alpha * a).astype(jnp.result_type(a)), x)
 
 
 def axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
-    """alpha * x + y."""
-    return jax.tree.map(lambda a, b: alpha * a + b, x, y)
+    """alpha * x + y, each leaf in y's dtype."""
+    return jax.tree.map(lambda a, b: (alpha * a + b).astype(jnp.result_type(b)), x, y)
 
 
 def vdot(x: PyTree, y: PyTree) -> jax.Array:

@@ -27,15 +27,15 @@ Damping composes: ``damped(op, λ)`` (or ``op + λ * identity(params)``) is the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from natgrad import _tree
 from natgrad.losses import Loss
+from natgrad.operators import Operator, damped, identity
 
 __all__ = [
     "Operator",
@@ -48,54 +48,16 @@ __all__ = [
     "empirical_fisher",
     "hessian",
     "CURVATURES",
+    "Curvature",
+    "resolve",
     "make",
+    "check_batch",
 ]
 
 PyTree = Any
 Batch = tuple[Any, Any]
 
 CURVATURES = ("fisher", "fisher_mc", "empirical_fisher", "ggn", "hessian")
-
-
-class Operator:
-    """A symmetric linear map on pytrees shaped like `params`: `.mv(v)` and `.to_dense()`.
-
-    Operators add (`a + b`), scale (`2.0 * a`) and so compose; `damped(op, λ)` is op + λI.
-    """
-
-    def __init__(self, mv: Callable[[PyTree], PyTree], params: PyTree):
-        self._mv = mv
-        self.params = params
-
-    def mv(self, v: PyTree) -> PyTree:
-        """The product of the operator with `v` (a pytree shaped like params)."""
-        return self._mv(v)
-
-    __call__ = mv
-
-    def to_dense(self) -> jax.Array:
-        """The n×n matrix, columns in `jax.flatten_util.ravel_pytree(params)` order.
-
-        Costs n products: for small models and tests.
-        """
-        flat, unravel = ravel_pytree(self.params)
-
-        def column(e):
-            return ravel_pytree(self.mv(unravel(e)))[0]
-
-        return jax.vmap(column)(jnp.eye(flat.size, dtype=flat.dtype)).T
-
-    def __add__(self, other: Operator) -> Operator:
-        if not isinstance(other, Operator):
-            return NotImplemented
-        return Operator(lambda v: _tree.add(self.mv(v), other.mv(v)), self.params)
-
-    def __mul__(self, alpha) -> Operator:
-        if isinstance(alpha, Operator):
-            return NotImplemented
-        return Operator(lambda v: _tree.scale(alpha, self.mv(v)), self.params)
-
-    __rmul__ = __mul__
 
 
 class CurvatureOperator(Operator):
@@ -105,8 +67,10 @@ class CurvatureOperator(Operator):
     outputs on the batch), `loss_value` (the mean loss) and `gradient()` (Jᵀ∇_z L, one vjp).
     """
 
-    def __init__(self, mv, params, *, outputs=None, loss_value=None, gradient=None):
-        super().__init__(mv, params)
+    def __init__(
+        self, mv, params, *, outputs=None, loss_value=None, gradient=None, psd=True, inverse=None
+    ):
+        super().__init__(mv, params, psd=psd, inverse=inverse)
         self.outputs = outputs
         self.loss_value = loss_value
         self._gradient = gradient
@@ -116,16 +80,6 @@ class CurvatureOperator(Operator):
         if self._gradient is None:
             raise ValueError("gradient: this operator was not built from a linearization")
         return self._gradient()
-
-
-def identity(params: PyTree) -> Operator:
-    """The identity on pytrees shaped like `params`."""
-    return Operator(lambda v: v, params)
-
-
-def damped(op: Operator, damping) -> Operator:
-    """op + damping · I (Tikhonov damping); `damping` may be a traced scalar."""
-    return op + damping * identity(op.params)
 
 
 class _Linearization:
@@ -140,7 +94,7 @@ class _Linearization:
         self.vjp = lambda u: transpose(u)[0]
 
 
-def _check_batch(batch: Batch) -> tuple[Any, Any]:
+def check_batch(batch: Batch) -> tuple[Any, Any]:
     if not isinstance(batch, tuple | list) or len(batch) != 2:
         raise ValueError(f"batch: expected a pair (inputs, targets), got {type(batch).__name__}")
     inputs, targets = batch
@@ -155,7 +109,7 @@ def _check_batch(batch: Batch) -> tuple[Any, Any]:
 
 
 def _linearize(apply_fn, loss: Loss, params, batch):
-    inputs, targets = _check_batch(batch)
+    inputs, targets = check_batch(batch)
     lin = _Linearization(apply_fn, params, inputs)
     loss.validate(lin.outputs, targets)
     return lin, targets
@@ -248,7 +202,7 @@ def empirical_fisher(
 
 def hessian(apply_fn: Callable, loss: Loss, params: PyTree, batch: Batch) -> CurvatureOperator:
     """The Hessian ∇²L(θ) of the mean loss: forward-over-reverse, linearized once."""
-    inputs, targets = _check_batch(batch)
+    inputs, targets = check_batch(batch)
     loss.validate(jax.eval_shape(apply_fn, params, inputs), targets)
 
     def grad_with_aux(p):
@@ -261,7 +215,9 @@ def hessian(apply_fn: Callable, loss: Loss, params: PyTree, batch: Batch) -> Cur
 
     grad, mv, (value, outputs) = jax.linearize(grad_with_aux, params, has_aux=True)
 
-    return CurvatureOperator(mv, params, outputs=outputs, loss_value=value, gradient=lambda: grad)
+    return CurvatureOperator(
+        mv, params, outputs=outputs, loss_value=value, gradient=lambda: grad, psd=False
+    )
 
 
 def make(
@@ -275,14 +231,79 @@ def make(
     num_samples: int = 1,
 ) -> CurvatureOperator:
     """The curvature operator called `name` (one of `CURVATURES`)."""
-    if name == "fisher_mc":
-        return fisher_mc(apply_fn, loss, params, batch, key=key, num_samples=num_samples)
-    factories = {
-        "fisher": fisher,
-        "empirical_fisher": empirical_fisher,
-        "ggn": ggn,
-        "hessian": hessian,
-    }
-    if name not in factories:
-        raise ValueError(f"curvature: expected one of {CURVATURES}, got {name!r}")
-    return factories[name](apply_fn, loss, params, batch)
+    return resolve(name, num_samples=num_samples).operator(apply_fn, loss, params, batch, key=key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Curvature:
+    """A kind of curvature as an object: which matrix an optimiser uses, built anew each step.
+
+    `name` is one of `CURVATURES`; `num_samples` the sampled targets per example of
+    ``"fisher_mc"``. The object knows how to build its matrix-free operator on a batch
+    (`operator`) and, for the Gauss-Newton-type curvatures, the output-space factor that
+    Kronecker and diagonal estimates sample (`output_factor`):
+
+        C = (1/B) Σ_i J_iᵀ M_i J_i,   M_i = E[Σ_k c_ik c_ikᵀ]
+
+    with columns c_ik: the square root of H_z (K columns, exact) for ``"fisher"`` and ``"ggn"``
+    (equal for natgrad's losses), the scores ∇_z ℓ(z_i, ỹ_is)/√S of S targets sampled from the
+    model for ``"fisher_mc"``, the score at the true target for ``"empirical_fisher"``.
+    """
+
+    name: str
+    num_samples: int = 1
+
+    def __post_init__(self):
+        if self.name not in CURVATURES:
+            raise ValueError(f"curvature: expected one of {CURVATURES}, got {self.name!r}")
+        n = self.num_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_samples: expected an integer >= 1, got {n!r}")
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether building it draws random targets (then the optimiser needs ``key=``)."""
+        return self.name == "fisher_mc"
+
+    @property
+    def psd(self) -> bool:
+        return self.name != "hessian"
+
+    def operator(
+        self, apply_fn: Callable, loss: Loss, params: PyTree, batch: Batch, *, key=None
+    ) -> CurvatureOperator:
+        """The matrix-free operator of this curvature of the mean loss on `batch`."""
+        if self.name == "fisher_mc":
+            return fisher_mc(apply_fn, loss, params, batch, key=key, num_samples=self.num_samples)
+        factories = {"fisher": fisher, "empirical_fisher": empirical_fisher, "ggn": ggn}
+        return factories.get(self.name, hessian)(apply_fn, loss, params, batch)
+
+    def output_factor(self, loss: Loss, outputs, targets, key) -> jax.Array:
+        """Columns c of shape (K, B, ...) with Σ_k c_k c_kᵀ (per example) of expectation M_i."""
+        if self.name in ("fisher", "ggn"):
+            return loss.curvature_sqrt(outputs)
+        if self.name == "empirical_fisher":
+            return loss.score(outputs, targets)[None]
+        if self.name == "fisher_mc":
+            if key is None:
+                raise ValueError("key: curvature 'fisher_mc' samples targets and needs a PRNG key")
+            keys = jax.random.split(key, self.num_samples)
+            sampled = jax.vmap(lambda k: loss.sample(k, outputs))(keys)
+            scores = jax.vmap(lambda t: loss.score(outputs, t))(sampled)
+            return scores / jnp.sqrt(jnp.asarray(self.num_samples, scores.dtype))
+        raise ValueError(
+            "curvature: 'hessian' is not a Gauss-Newton-type matrix and has no output-space "
+            "factor; use 'ggn', 'fisher', 'fisher_mc' or 'empirical_fisher'"
+        )
+
+
+def resolve(curvature: str | Curvature, *, num_samples: int = 1) -> Curvature:
+    """A `Curvature` from its name (a convenience) or the object itself."""
+    if isinstance(curvature, Curvature):
+        return curvature
+    if not isinstance(curvature, str):
+        raise ValueError(
+            f"curvature: expected one of {CURVATURES} or a natgrad.curvature.Curvature, "
+            f"got {type(curvature).__name__}"
+        )
+    return Curvature(curvature, num_samples)

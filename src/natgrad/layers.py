@@ -4,7 +4,7 @@ r"""Layers the model declares, so K-FAC can see them without tracing the graph.
 ("b" optional). Called on ordinary params it is plain JAX: the same two operations a hand-written
 ``x @ params["w"] + params["b"]`` performs, so swapping it in changes no result.
 
-How K-FAC instruments it (`natgrad.kfac_blocks`): it calls the model with params in which every
+How K-FAC instruments it (`natgrad.kronecker`): it calls the model with params in which every
 dict that looks like a dense layer (a Mapping with a 2-D "w" and optionally a matching 1-D "b",
 nothing else) is replaced by a `DenseProbe`. A probe is a Mapping with the same entries, so code
 that indexes it directly still works; it also carries two zero *tags*, A-tag of shape
@@ -160,7 +160,7 @@ def _tap_inputs_fwd(x, tag):
 
 def _tap_inputs_bwd(res, ct):
     x, tag = res
-    a = x.reshape(-1, x.shape[-1])
+    a = x.reshape(-1, x.shape[-1]).astype(tag.dtype)
     a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
     return ct, (a.T @ a).astype(tag.dtype)
 
@@ -178,7 +178,7 @@ def _tap_outputs_fwd(y, tag):
 
 
 def _tap_outputs_bwd(tag, ct):
-    g = ct.reshape(-1, ct.shape[-1])
+    g = ct.reshape(-1, ct.shape[-1]).astype(tag.dtype)
     return ct, (g.T @ g).astype(tag.dtype)
 
 

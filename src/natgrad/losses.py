@@ -125,9 +125,13 @@ class _SoftmaxCrossEntropy(Loss):
     name = "softmax_cross_entropy"
 
     def nll(self, outputs, targets):
+        # A label outside [0, C) gives NaN, under jit too, where indexing would wrap or clip it
+        # silently: the optimisers reject a step whose loss is not finite.
         logz = jax.nn.logsumexp(outputs, axis=-1)
-        picked = jnp.take_along_axis(outputs, targets[..., None].astype(jnp.int32), axis=-1)
-        return _sum_per_example(logz - picked[..., 0])
+        labels = targets.astype(jnp.int32)
+        valid = (labels >= 0) & (labels < outputs.shape[-1])
+        picked = jnp.take_along_axis(outputs, jnp.where(valid, labels, 0)[..., None], axis=-1)
+        return _sum_per_example(jnp.where(valid, logz - picked[..., 0], jnp.nan))
 
     def sample(self, key, outputs):
         return jax.random.categorical(key, outputs, axis=-1).astype(jnp.int32)

@@ -4,12 +4,13 @@ A preconditioner for natgrad's optimisers is a `Preconditioner(init, update)` pa
 transformation:
 
     state = precond.init(params)
-    apply_inverse, state = precond.update(state, params, batch, apply_fn=..., loss=...,
-                                          damping=λ, key=key)
-    natgrad.solvers.cg(matvec, b, preconditioner=apply_inverse)
+    m, state = precond.update(state, params, batch, apply_fn=..., loss=..., damping=λ, key=key)
+    natgrad.solvers.cg(matvec, b, preconditioner=m.inverse())
 
 `update` runs once per optimiser step (it may keep running statistics in `state`, as K-FAC does);
-`apply_inverse(r)` then maps a pytree r to M⁻¹ r and is called once per CG iteration.
+it returns M, the damped approximation of C + λI, as a `natgrad.operators.Operator` that knows
+its inverse: ``m.inverse()(r)`` = M⁻¹ r is what CG applies once per iteration, and M itself is
+K-FAC's curvature model.
 
 ``martens_diagonal`` is the preconditioner of Martens (2010, §4.7):
 
@@ -28,20 +29,22 @@ as M = (max(d, 0) + λ)^α, α = 1 by default (Jacobi):
   drawn from the explicit `key`): unbiased, since E[v vᵀ] = I; S curvature products per step,
   averaged over steps.
 
-``kfac`` is K-FAC's block-diagonal inverse (`natgrad.kfac_blocks`): Kronecker blocks for the
+``kfac`` is K-FAC's block-diagonal inverse (`natgrad.kronecker`): Kronecker blocks for the
 dense layers declared with `natgrad.layers.dense`, a diagonal block for the rest.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from natgrad import _tree, curvature, kfac_blocks
+from natgrad import _tree, kronecker, operators
+from natgrad import curvature as curvature_lib
 
 __all__ = [
     "Preconditioner",
@@ -61,10 +64,11 @@ MARTENS_ALPHA = 0.75  # exponent of the diagonal preconditioner (Martens 2010, �
 
 class Preconditioner(NamedTuple):
     """`init(params) -> state`; `update(state, params, batch, *, apply_fn, loss, damping, key)
-    -> (apply_inverse, state)` with `apply_inverse(r) = M⁻¹ r` on pytrees."""
+    -> (m, state)` with `m` the Operator M ≈ C + λI on pytrees; `m.inverse()` applies M⁻¹."""
 
     init: Callable[[PyTree], Any]
-    update: Callable[..., tuple[Callable[[PyTree], PyTree], Any]]
+    update: Callable[..., tuple[operators.Operator, Any]]
+    needs_key: bool = False  # whether `update` draws random numbers (then it needs ``key=``)
 
 
 def _sum_over_examples(per_example: Callable, params: PyTree, batch) -> PyTree:
@@ -127,7 +131,7 @@ def ggn_diagonal(apply_fn: Callable, loss, params: PyTree, batch) -> PyTree:
     return _sum_over_examples(squared_columns, params, batch)
 
 
-def hutchinson_estimate(op: curvature.Operator, key: jax.Array, num_probes: int) -> PyTree:
+def hutchinson_estimate(op: operators.Operator, key: jax.Array, num_probes: int) -> PyTree:
     """(1/S) Σ_s v_s ⊙ (op v_s) for S Rademacher probes v_s: an unbiased estimate of diag(op)."""
     leaves, treedef = jax.tree.flatten(op.params)
 
@@ -149,10 +153,10 @@ def _check_alpha(alpha) -> float:
     return float(alpha)
 
 
-def _diagonal_inverse(diag: PyTree, damping, alpha: float) -> Callable[[PyTree], PyTree]:
-    """r ↦ r / (max(d, 0) + λ)^α."""
+def _damped_diagonal(diag: PyTree, damping, alpha: float) -> operators.Operator:
+    """M = diag((max(d, 0) + λ)^α), whose inverse divides by it."""
     scale = jax.tree.map(lambda d: jnp.power(jnp.maximum(d, 0) + damping, alpha), diag)
-    return lambda r: jax.tree.map(lambda a, s: a / s.astype(a.dtype), r, scale)
+    return operators.diagonal(scale)
 
 
 def martens_diagonal(alpha: float = MARTENS_ALPHA) -> Preconditioner:
@@ -175,7 +179,7 @@ def _batch_diagonal(diagonal: Callable, alpha: float) -> Preconditioner:
 
     def update(state, params, batch, *, apply_fn, loss, damping, key=None):
         del key
-        return _diagonal_inverse(diagonal(apply_fn, loss, params, batch), damping, alpha), state
+        return _damped_diagonal(diagonal(apply_fn, loss, params, batch), damping, alpha), state
 
     return Preconditioner(_stateless, update)
 
@@ -206,38 +210,97 @@ def hutchinson_diagonal(
             raise ValueError("key: hutchinson_diagonal draws random probes and needs a PRNG key")
         count, average = state
         estimate = hutchinson_estimate(
-            curvature.ggn(apply_fn, loss, params, batch), key, num_probes
+            curvature_lib.ggn(apply_fn, loss, params, batch), key, num_probes
         )
         average = _tree.moving_average(average, estimate, ema_decay, count)
-        return _diagonal_inverse(average, damping, alpha), (count + 1, average)
+        return _damped_diagonal(average, damping, alpha), (count + 1, average)
 
-    return Preconditioner(init, update)
+    return Preconditioner(init, update, needs_key=True)
+
+
+_FISHER_TYPES = {"sampled": "fisher_mc", "exact": "fisher", "empirical": "empirical_fisher"}
+
+
+def kfac_curvature(curvature, fisher_type) -> curvature_lib.Curvature:
+    """K-FAC's curvature from `curvature`, or from the deprecated `fisher_type` name."""
+    if fisher_type is not None:
+        if fisher_type not in _FISHER_TYPES:
+            raise ValueError(
+                f"fisher_type: expected one of {tuple(_FISHER_TYPES)} (deprecated: use "
+                f"curvature=), got {fisher_type!r}"
+            )
+        warnings.warn(
+            f"fisher_type={fisher_type!r} is deprecated; use "
+            f"curvature={_FISHER_TYPES[fisher_type]!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        curvature = _FISHER_TYPES[fisher_type]
+    kind = curvature_lib.resolve(curvature)
+    if not kind.psd:
+        raise ValueError(
+            f"curvature: K-FAC needs a Gauss-Newton-type curvature (fisher_mc, fisher, ggn, "
+            f"empirical_fisher), got {kind.name!r}"
+        )
+    return kind
 
 
 def kfac(
-    *, ema_decay: float = 0.95, inverse_every: int = 5, fisher_type: str = "sampled"
+    *,
+    curvature: str | curvature_lib.Curvature = "fisher_mc",
+    ema_decay: float = 0.95,
+    inverse_every: int = 50,
+    statistics_every: int = 5,
+    fisher_type: str | None = None,
 ) -> Preconditioner:
-    """K-FAC's block-diagonal approximation of C + λI, inverted (see `natgrad.kfac_blocks`).
+    """K-FAC's block-diagonal approximation of C + λI, inverted (see `natgrad.kronecker`).
 
-    The state holds the factors' moving averages (decay `ema_decay`) and the inverses of the
-    factored-Tikhonov-damped factors, refreshed every `inverse_every` updates with that
-    update's λ. `update` needs ``key=`` unless ``fisher_type="empirical"``.
+    The state (a `natgrad.kronecker.KroneckerState`) holds the factors' moving averages
+    (decay `ema_decay`) and the inverses of the factored-Tikhonov-damped factors. Both are
+    amortised over steps (kfac-jax's curvature and inverse update periods): the statistics —
+    one instrumented forward and backward pass — are taken every `statistics_every` updates,
+    the inverses recomputed every `inverse_every` updates with that update's λ, and as soon as
+    λ has moved by more than a factor 2 since (a damping rule's change). `curvature`
+    chooses the cotangents of the statistics' backward pass (default ``"fisher_mc"``: targets
+    sampled from the model, the true Fisher); `update` needs ``key=`` unless
+    ``curvature="empirical_fisher"``. (`fisher_type` is the deprecated name of the same choice.)
     """
-    ema_decay, inverse_every, fisher_type = kfac_blocks.check_options(
-        ema_decay, inverse_every, fisher_type
+    kind = kfac_curvature(curvature, fisher_type)
+    ema_decay, inverse_every, statistics_every = kronecker.check_options(
+        ema_decay, inverse_every, statistics_every
     )
 
     def update(state, params, batch, *, apply_fn, loss, damping, key=None):
-        stats, registered, _ = kfac_blocks.statistics(
-            apply_fn, loss, params, batch, key=key, fisher_type=fisher_type
-        )
-        state = kfac_blocks.update(
-            state, stats, damping, registered, ema_decay=ema_decay, inverse_every=inverse_every
-        )
+        # Every `inverse_every` updates, and whenever λ moved by more than × 2 since the last
+        # inversion (a damping rule such as Levenberg-Marquardt): the inverses contain λ.
+        refresh = (state.steps % inverse_every == 0) | kronecker.stale(state, damping)
+        seen = {}
 
-        def apply_inverse(r):
-            return kfac_blocks.apply_inverse(state, damping, registered, r)
+        def with_statistics():
+            stats, registered, outputs = kronecker.statistics(
+                apply_fn, loss, params, batch, key=key, curvature=kind
+            )
+            seen["registered"] = registered
+            seen["loss"] = loss.mean(outputs, batch[1])
+            return kronecker.update(
+                state, stats, damping, registered, ema_decay=ema_decay, refresh=refresh
+            )
 
-        return apply_inverse, state
+        if statistics_every == 1:
+            new = with_statistics()
+            loss_value = seen["loss"]
+        else:
+            jax.eval_shape(with_statistics)  # traces the model: `registered` is known
 
-    return Preconditioner(kfac_blocks.init, update)
+            def without_statistics():
+                return kronecker.refresh_inverses(state, damping, seen["registered"], refresh)
+
+            new = jax.lax.cond(
+                state.steps % statistics_every == 0, with_statistics, without_statistics
+            )
+            loss_value = None  # known on statistics steps only: the optimiser computes its own
+        new = new._replace(steps=state.steps + 1)
+        m = kronecker.operator(new, damping, seen["registered"], params, loss_value=loss_value)
+        return m, new
+
+    return Preconditioner(kronecker.init, update, needs_key=kind.name != "empirical_fisher")

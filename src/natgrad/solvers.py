@@ -33,9 +33,9 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from natgrad import _tree
-from natgrad.curvature import Operator
+from natgrad.operators import Operator, as_matvec
 
-__all__ = ["CGResult", "cg", "dense_solve", "save_schedule", "STATUS_NAMES"]
+__all__ = ["CGResult", "cg", "backtrack", "dense_solve", "save_schedule", "STATUS_NAMES"]
 
 PyTree = Any
 
@@ -98,26 +98,28 @@ class _State(NamedTuple):
 
 
 def cg(
-    matvec: Callable[[PyTree], PyTree],
+    matvec: Operator | Callable[[PyTree], PyTree],
     b: PyTree,
     *,
     x0: PyTree | None = None,
     maxiter: int = 50,
     tol: float = 1e-5,
     atol: float = 0.0,
-    preconditioner: Callable[[PyTree], PyTree] | None = None,
+    preconditioner: Operator | Callable[[PyTree], PyTree] | None = None,
     martens_stop: bool = False,
     save_iterates: bool = False,
 ) -> CGResult:
     """Preconditioned conjugate gradient for A x = b, A symmetric (positive definite).
 
     Args:
-      matvec: v ↦ A v on pytrees shaped like `b` (e.g. `damped(op, λ).mv`).
+      matvec: A as a `natgrad.operators.Operator` (e.g. `damped(op, λ)`) or v ↦ A v on pytrees
+        shaped like `b`.
       b: right-hand side.
       x0: warm start (default zeros).
       maxiter: at most this many iterations (a Python int ≥ 1).
       tol, atol: stop when ‖r‖ ≤ max(tol·‖b‖, atol).
-      preconditioner: r ↦ M⁻¹ r, M symmetric positive definite.
+      preconditioner: M⁻¹ as an Operator (e.g. ``m.inverse()``) or r ↦ M⁻¹ r, M symmetric
+        positive definite.
       martens_stop: also stop by Martens' relative-progress rule on φ.
       save_iterates: keep the iterates at `save_schedule(maxiter)` and the last one.
 
@@ -128,7 +130,8 @@ def cg(
     if int(maxiter) < 1:
         raise ValueError(f"maxiter: expected an integer >= 1, got {maxiter}")
     maxiter = int(maxiter)
-    precond = preconditioner if preconditioner is not None else (lambda r: r)
+    matvec = as_matvec(matvec)
+    precond = as_matvec(preconditioner) if preconditioner is not None else (lambda r: r)
 
     if x0 is None:
         x = _tree.zeros_like(b)
@@ -253,9 +256,36 @@ def _save(saved, saved_steps, slot, x, i):
     return saved, saved_steps.at[slot].set(i)
 
 
+def backtrack(res: CGResult, loss_of: Callable[[PyTree], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Index of the saved CG iterate to keep (Martens 2010, §4.6), and its loss.
+
+    Start at the last saved iterate (`res` from ``cg(..., save_iterates=True)``); step back while
+    the previous iterate has a lower `loss_of`. A non-finite loss counts as +∞.
+    """
+    last = jnp.sum(res.saved_steps >= 0) - 1
+    take = lambda j: jax.tree.map(lambda s: s[j], res.saved)  # noqa: E731
+
+    def finite_loss(d):
+        value = loss_of(d)
+        return jnp.where(jnp.isfinite(value), value, jnp.inf)
+
+    def cond(c):
+        return c[2]
+
+    def body(c):
+        j, f_j, _ = c
+        f_prev = finite_loss(take(j - 1))
+        better = f_prev < f_j
+        j_new = jnp.where(better, j - 1, j)
+        return j_new, jnp.where(better, f_prev, f_j), better & (j_new > 0)
+
+    f_last = finite_loss(take(last))
+    j, f_j, _ = lax.while_loop(cond, body, (last, f_last, last > 0))
+    return j, f_j
+
+
 def dense_solve(matvec: Callable[[PyTree], PyTree], b: PyTree) -> PyTree:
     """Oracle for small problems: form A from `matvec` densely and solve with `jnp.linalg.solve`."""
     flat_b, unravel = ravel_pytree(b)
-    mv = matvec.mv if isinstance(matvec, Operator) else matvec
-    a = Operator(mv, b).to_dense()
+    a = Operator(as_matvec(matvec), b).to_dense()
     return unravel(jnp.linalg.solve(a, flat_b))

@@ -14,22 +14,25 @@ axes (B, T, m) average A over all B·T rows and sum G over T ("K-FAC expand").
 The steps, one function each:
 
 1. `statistics`: one VJP of the model instrumented by `natgrad.layers` returns Σ ā āᵀ and
-   Σ g gᵀ for every registered layer, g from the cotangent `fisher_type` chooses:
-   * ``"sampled"`` (the true Fisher): targets ỹ ~ p(y | z) drawn from the model, cotangent
-     ∇_z ℓ(z, ỹ), whose outer product has the output Fisher as expectation;
-   * ``"exact"``: the K columns of the output curvature's square root, H_z = Σ_k q_k q_kᵀ
-     (`Loss.curvature_sqrt`), one backward pass each: G without sampling noise;
-   * ``"empirical"``: the true targets (the empirical Fisher; cheap, biased).
+   Σ g gᵀ for every registered layer, g from the cotangents the `curvature` chooses
+   (`natgrad.curvature.Curvature.output_factor`):
+   * ``"fisher_mc"`` (the true Fisher, sampled): targets ỹ ~ p(y | z) drawn from the model,
+     cotangent ∇_z ℓ(z, ỹ), whose outer product has the output Fisher as expectation;
+   * ``"fisher"`` / ``"ggn"``: the K columns of the output curvature's square root,
+     H_z = Σ_k q_k q_kᵀ (`Loss.curvature_sqrt`), one backward pass each: G without sampling noise;
+   * ``"empirical_fisher"``: the true targets (the empirical Fisher; cheap, biased).
    Parameters outside registered layers get a diagonal block from the same VJP: with ḡ the
    batch-mean gradient of the sampled loss, B ḡ² is unbiased for diag(F), the sampled scores
-   of different examples being independent with mean zero. (In ``"exact"`` mode the columns
-   carry random signs for the same reason; in ``"empirical"`` mode it is only a rough scale.)
+   of different examples being independent with mean zero. (With K columns they carry random
+   signs for the same reason; with the empirical Fisher it is only a rough scale.)
 2. `update`: exponential moving averages F̄ ← β F̄ + (1 − β) F̂ with β_t = min(β, t/(t + 1)), so
-   the first statistics are taken as they are; then, every `inverse_every` updates, the inverses.
+   the first statistics are taken as they are; then, when asked, the inverses. K-FAC amortises
+   both (`natgrad.preconditioners.kfac`): statistics every T steps, inverses every N steps.
 3. Factored Tikhonov damping (§6.3): A ⊗ G + λI ≈ (A + π√λ I) ⊗ (G + √λ/π I) with
    π = sqrt((tr A / dim A) / (tr G / dim G)), the choice that minimises the cross terms' norm.
 4. `apply_inverse`: (A ⊗ G)⁻¹ vec(V) = vec(A⁻¹ V G⁻¹) for V = [dW; db], from explicit inverses
-   of the damped factors; a diagonal block divides by d + λ.
+   of the damped factors; a diagonal block divides by d + λ. `operator` wraps the damped
+   approximation as a `natgrad.operators.Operator` whose `inverse()` is this map.
 
 Every statistic is a sum over the batch, so with the batch sharded over devices XLA reduces
 the factors with one all-reduce each.
@@ -45,11 +48,10 @@ import jax.numpy as jnp
 from jax import lax, tree_util
 
 from natgrad import _tree, layers
-from natgrad.curvature import _check_batch
+from natgrad.curvature import Curvature, CurvatureOperator, check_batch, resolve
 from natgrad.losses import Loss
 
 __all__ = [
-    "FISHER_TYPES",
     "check_options",
     "Factors",
     "Inverses",
@@ -57,13 +59,15 @@ __all__ = [
     "init",
     "statistics",
     "update",
+    "refresh_inverses",
+    "stale",
     "pi_damping",
     "apply_inverse",
     "damped_product",
+    "operator",
 ]
 
 PyTree = Any
-FISHER_TYPES = ("sampled", "exact", "empirical")
 
 
 class Factors(NamedTuple):
@@ -83,22 +87,29 @@ class Inverses(NamedTuple):
 
 
 class KroneckerState(NamedTuple):
+    steps: jax.Array  # optimiser steps seen (statistics and inverses are refreshed periodically)
     updates: jax.Array  # statistics folded into the averages so far
     factors: Factors
     inverses: Inverses
+    registered_layers: jax.Array  # dense layers with Kronecker blocks in the last update
+    inverse_damping: jax.Array  # λ the inverses were computed with
 
 
-def check_options(ema_decay, inverse_every, fisher_type) -> tuple[float, int, str]:
+def factor_dtype(w) -> jnp.dtype:
+    """Factors are kept in at least float32: LAPACK has no float16/bfloat16 inverse, and their
+    sums of squares would lose most digits there."""
+    return jnp.promote_types(jnp.result_type(w), jnp.float32)
+
+
+def check_options(ema_decay, inverse_every, statistics_every=1) -> tuple[float, int, int]:
     """K-FAC's options, validated (ValueError naming the argument)."""
     bad_decay = isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float)
     if bad_decay or not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {ema_decay!r}")
-    bad_every = isinstance(inverse_every, bool) or not isinstance(inverse_every, int)
-    if bad_every or inverse_every < 1:
-        raise ValueError(f"inverse_every: expected an integer >= 1, got {inverse_every!r}")
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"fisher_type: expected one of {FISHER_TYPES}, got {fisher_type!r}")
-    return float(ema_decay), inverse_every, fisher_type
+    for name, every in (("inverse_every", inverse_every), ("statistics_every", statistics_every)):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {every!r}")
+    return float(ema_decay), inverse_every, statistics_every
 
 
 def init(params: PyTree) -> KroneckerState:
@@ -106,11 +117,14 @@ def init(params: PyTree) -> KroneckerState:
     nodes, _ = layers.flatten(params)
     a, g = [], []
     for i, m, n, has_bias in layers.find_dense(params):
-        dtype = nodes[i]["w"].dtype
+        dtype = factor_dtype(nodes[i]["w"])
         a.append(jnp.zeros((m + has_bias, m + has_bias), dtype))
         g.append(jnp.zeros((n, n), dtype))
     factors = Factors(tuple(a), tuple(g), _tree.zeros_like(params))
-    return KroneckerState(jnp.zeros((), jnp.int32), factors, Inverses(tuple(a), tuple(g)))
+    zero = jnp.zeros((), jnp.int32)
+    return KroneckerState(
+        zero, zero, factors, Inverses(tuple(a), tuple(g)), zero, jnp.zeros((), jnp.float32)
+    )
 
 
 def statistics(
@@ -120,22 +134,24 @@ def statistics(
     batch,
     *,
     key: jax.Array | None,
-    fisher_type: str = "sampled",
+    curvature: str | Curvature = "fisher_mc",
 ) -> tuple[Factors, tuple[bool, ...], jax.Array]:
     """This batch's factors, which dense-looking dicts the model registered, and its outputs.
 
     `registered` is static (known at trace time): slot l is True when the model passed that
     dict to `natgrad.layers.dense`.
     """
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"fisher_type: expected one of {FISHER_TYPES}, got {fisher_type!r}")
-    if key is None and fisher_type != "empirical":
-        raise ValueError(f"key: K-FAC with fisher_type={fisher_type!r} needs a PRNG key")
-    inputs, targets = _check_batch(batch)
+    curvature = resolve(curvature)
+    if key is None and curvature.name != "empirical_fisher":
+        raise ValueError(f"key: K-FAC with curvature {curvature.name!r} needs a PRNG key")
+    inputs, targets = check_batch(batch)
     dense = layers.find_dense(params)
     nodes, _ = layers.flatten(params)
     tags = tuple(
-        (jnp.zeros((m + 1, m + 1), nodes[i]["w"].dtype), jnp.zeros((n, n), nodes[i]["w"].dtype))
+        (
+            jnp.zeros((m + 1, m + 1), factor_dtype(nodes[i]["w"])),
+            jnp.zeros((n, n), factor_dtype(nodes[i]["w"])),
+        )
         for i, m, n, _ in dense
     )
     record = layers.Record()
@@ -148,17 +164,20 @@ def statistics(
     loss.validate(outputs, targets)
     batch_size = outputs.shape[0]
 
-    if fisher_type == "exact":
-        q = loss.curvature_sqrt(outputs)
-        signs = jax.random.rademacher(key, q.shape[:2], q.dtype)
-        cts = q * signs.reshape(*signs.shape, *(1,) * (q.ndim - 2))
+    k_factor, k_signs = (None, None) if key is None else jax.random.split(key)
+    cts = curvature.output_factor(loss, outputs, targets, k_factor)
+    many = cts.shape[0] > 1
+    if many:
+        # The diagonal block squares the summed cotangent: random signs per column make the
+        # cross terms vanish in expectation, so B ḡ² stays unbiased for diag(F).
+        signs = jax.random.rademacher(k_signs, cts.shape[:2], cts.dtype)
+        cts = cts * signs.reshape(*signs.shape, *(1,) * (cts.ndim - 2))
         tag_cts, param_cts = jax.vmap(vjp_fn)(cts)
         a_sums = [a[0] for a, _ in tag_cts]  # Σ ā āᵀ does not depend on the cotangent
         g_sums = [jnp.sum(g, axis=0) for _, g in tag_cts]
         square = lambda c: jnp.sum(jnp.square(c), axis=0)  # noqa: E731
     else:
-        labels = targets if fisher_type == "empirical" else loss.sample(key, outputs)
-        tag_cts, param_cts = vjp_fn(loss.score(outputs, labels))
+        tag_cts, param_cts = vjp_fn(cts[0])
         a_sums = [a for a, _ in tag_cts]
         g_sums = [g for _, g in tag_cts]
         square = jnp.square
@@ -173,8 +192,8 @@ def statistics(
         g.append(g_sum / batch_size if used else jnp.zeros_like(g_sum))
 
     covered = {i for (i, *_), used in zip(dense, registered, strict=True) if used}
-    # Exact mode's vmapped cotangents carry a leading K axis.
-    first = (lambda c: c[0]) if fisher_type == "exact" else (lambda c: c)  # noqa: E731
+    # Vmapped cotangents carry a leading K axis.
+    first = (lambda c: c[0]) if many else (lambda c: c)  # noqa: E731
     ct_nodes, treedef = layers.flatten(param_cts)
     diag_nodes = [
         jax.tree.map(lambda c: jnp.zeros_like(first(c)), node)
@@ -193,26 +212,57 @@ def update(
     registered: tuple[bool, ...],
     *,
     ema_decay: float,
-    inverse_every: int,
+    refresh,
 ) -> KroneckerState:
-    """Fold `stats` into the moving averages; refresh the inverses every `inverse_every` updates
-    (with the damping λ of that update)."""
+    """Fold `stats` into the moving averages; recompute the inverses (with this λ) when the
+    boolean `refresh` (may be traced) is true."""
     t = state.updates
     factors = _tree.moving_average(state.factors, stats, ema_decay, t)
     inverses = lax.cond(
-        t % inverse_every == 0,
-        lambda: _invert(factors, damping, registered),
-        lambda: state.inverses,
+        refresh, lambda: _invert(factors, damping, registered), lambda: state.inverses
     )
-    return KroneckerState(t + 1, factors, inverses)
+    return state._replace(
+        updates=t + 1,
+        factors=factors,
+        inverses=inverses,
+        registered_layers=jnp.asarray(sum(registered), jnp.int32),
+        inverse_damping=_refreshed_damping(state, damping, refresh),
+    )
+
+
+def refresh_inverses(state: KroneckerState, damping, registered, refresh) -> KroneckerState:
+    """The inverses recomputed from the current averages when `refresh`, else unchanged."""
+    inverses = lax.cond(
+        refresh, lambda: _invert(state.factors, damping, registered), lambda: state.inverses
+    )
+    return state._replace(
+        inverses=inverses, inverse_damping=_refreshed_damping(state, damping, refresh)
+    )
+
+
+def _refreshed_damping(state: KroneckerState, damping, refresh) -> jax.Array:
+    old = state.inverse_damping
+    return jnp.where(refresh, jnp.asarray(damping, old.dtype), old)
+
+
+def stale(state: KroneckerState, damping, factor: float = 2.0) -> jax.Array:
+    """Whether λ moved by more than `factor` (either way) since the inverses were computed, so
+    they no longer invert the damped factors (π√λ and √λ/π enter them)."""
+    old = state.inverse_damping.astype(jnp.result_type(damping, jnp.float32))
+    lam = jnp.asarray(damping, old.dtype)
+    return (lam > factor * old) | (old > factor * lam)
 
 
 def pi_damping(a: jax.Array, g: jax.Array, damping) -> tuple[jax.Array, jax.Array]:
-    """(π√λ, √λ/π), the factored Tikhonov damping of A and G (Martens & Grosse, §6.3)."""
-    tiny = jnp.finfo(a.dtype).tiny
-    pi = jnp.sqrt(
-        jnp.maximum(jnp.trace(a) / a.shape[0], tiny) / jnp.maximum(jnp.trace(g) / g.shape[0], tiny)
-    )
+    """(π√λ, √λ/π), the factored Tikhonov damping of A and G (Martens & Grosse, §6.3).
+
+    π = 1 when either trace is zero or π is not finite (a dead layer: nothing to balance),
+    so the damping never overflows.
+    """
+    ta, tg = jnp.trace(a) / a.shape[0], jnp.trace(g) / g.shape[0]
+    ok = (ta > 0) & (tg > 0)
+    pi = jnp.sqrt(jnp.where(ok, ta, 1.0) / jnp.where(ok, tg, 1.0))
+    pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
     root = jnp.sqrt(jnp.asarray(damping, a.dtype))
     return pi * root, root / pi
 
@@ -288,3 +338,19 @@ def damped_product(state: KroneckerState, damping, registered, vec: PyTree) -> P
         return (a @ v + da * v) @ g + dg * (a @ v + da * v)
 
     return _blockwise(vec, f.diag, damping, registered, kron, lambda r, d: r * d.astype(r.dtype))
+
+
+def operator(
+    state: KroneckerState, damping, registered, params: PyTree, *, loss_value=None
+) -> CurvatureOperator:
+    """The damped K-FAC approximation F̂ + λ as an operator; `.inverse()` applies (F̂ + λ)⁻¹.
+
+    `loss_value`, the mean loss of the statistics' forward pass when there was one, rides along
+    so an optimiser needs no second forward pass for it.
+    """
+    return CurvatureOperator(
+        lambda v: damped_product(state, damping, registered, v),
+        params,
+        loss_value=loss_value,
+        inverse=lambda v: apply_inverse(state, damping, registered, v),
+    )

@@ -1,0 +1,64 @@
+"""Argument checks shared by the optimiser factories: a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+from natgrad.losses import Loss
+from natgrad.preconditioners import Preconditioner
+
+
+def loss(value) -> Loss:
+    if not isinstance(value, Loss):
+        raise ValueError(
+            f"loss: expected a natgrad.losses loss such as softmax_cross_entropy(), "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def integer(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def number(
+    name: str,
+    value,
+    *,
+    low: float = 0.0,
+    high: float = math.inf,
+    allow_low: bool = False,
+    allow_high: bool = False,
+) -> float:
+    """A finite number in (low, high), its ends included where allowed."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if allow_low else value > low)
+    ok = ok and (value <= high if allow_high else value < high)
+    if not ok:
+        left, right = "[" if allow_low else "(", "]" if allow_high else ")"
+        raise ValueError(
+            f"{name}: expected a finite number in {left}{low}, {high}{right}, got {value!r}"
+        )
+    return float(value)
+
+
+def learning_rate(value):
+    """A finite float > 0 or an optax schedule (any callable of the step count)."""
+    if callable(value):
+        return value
+    return number("learning_rate", value)
+
+
+def momentum(value) -> float:
+    return number("momentum", value, high=1.0, allow_low=True)
+
+
+def preconditioner(value) -> Preconditioner | None:
+    if value is None or isinstance(value, Preconditioner):
+        return value
+    raise ValueError(
+        f"preconditioner: expected None or a natgrad.preconditioners.Preconditioner, "
+        f"got {type(value).__name__}"
+    )

@@ -1,0 +1,179 @@
+r"""Directions: how an optimiser turns the gradient g into d ≈ (C + λI)⁻¹ g.
+
+Each direction is a `Direction(name, uses_operator, compute)`; `compute(inputs)` gets the
+gradient, the curvature operator C of the batch (or None), λ, the preconditioner's damped
+approximation M ≈ C + λI (or None), the warm start x₀ and a trial loss, and returns a
+`DirectionResult`: d, the curvature Q of the quadratic model q(p) = gᵀp + ½ pᵀQp that the step
+rule and ρ use, and solver statistics.
+
+* `cg_solve`: d solves (C + λI) d = g by preconditioned CG (M⁻¹ applied to residuals),
+  warm-started from x₀; Q = C. CG's residual r = g − (C + λI) d gives Cd = g − r − λd for free.
+* `cg_backtracking` (Hessian-free, Martens 2010 §4.6): CG as above, saving the iterates at
+  i = ⌈5·1.3ʲ⌉; starting from the last, step back to the previous iterate while its loss
+  f(θ − d) is lower. d is the iterate kept; the warm start stays CG's last solution.
+* `dense_solve`: d = (C + λI)⁻¹ g exactly, C = RᵀR formed from the Jacobian (`natgrad.dense`),
+  Cholesky in the primal (n×n) or Woodbury (rows×rows) form, whichever is smaller; Q = C. For
+  small models (PINNs: Müller & Zeinhofer 2023's energy natural gradient), where CG on an
+  ill-conditioned Gramian is inexact.
+* `factored`: d = M⁻¹ g with M the preconditioner's approximation itself (K-FAC's Kronecker
+  blocks); Q = M, which already includes the damping, and Md = g costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from natgrad import _tree, dense, operators, solvers
+
+PyTree = Any
+
+
+class DirectionInputs(NamedTuple):
+    grads: PyTree
+    op: operators.Operator | None  # C on this batch, or None when the direction needs none
+    damping: jax.Array
+    approx: operators.Operator | None  # the preconditioner's M ≈ C + λI, or None
+    x0: PyTree  # warm start
+    trial: Callable[[PyTree, jax.Array], jax.Array]  # (d, α) ↦ f(θ − α d)
+    problem: Any = None  # (curvature, apply_fn, loss, params, batch, key) for dense solves
+
+
+class DirectionResult(NamedTuple):
+    d: PyTree
+    model: operators.Operator  # Q of the quadratic model
+    damped_model: bool  # Q already includes λ
+    qd: PyTree | None  # Q d when it came for free
+    keep: PyTree  # what the next step warm-starts from
+    iterations: jax.Array
+    status: jax.Array  # natgrad.solvers.STATUS_NAMES index
+    kept_iteration: jax.Array  # the CG iteration whose iterate d is
+    f_unit: jax.Array | None  # f(θ − d) when it was evaluated
+    finite: jax.Array
+
+
+class Direction(NamedTuple):
+    name: str
+    uses_operator: bool
+    compute: Callable[[DirectionInputs], DirectionResult]
+
+
+def _cg(inputs: DirectionInputs, *, maxiter, tol, martens_stop, save_iterates):
+    return solvers.cg(
+        operators.damped(inputs.op, inputs.damping),
+        inputs.grads,
+        x0=inputs.x0,
+        maxiter=maxiter,
+        tol=tol,
+        martens_stop=martens_stop,
+        preconditioner=None if inputs.approx is None else inputs.approx.inverse(),
+        save_iterates=save_iterates,
+    )
+
+
+def cg_solve(*, maxiter: int, tol: float, martens_stop: bool) -> Direction:
+    """d = (C + λI)⁻¹ g by preconditioned CG; Q = C."""
+
+    def compute(inputs: DirectionInputs) -> DirectionResult:
+        res = _cg(inputs, maxiter=maxiter, tol=tol, martens_stop=martens_stop, save_iterates=False)
+        d = res.x
+        cd = _tree.sub(_tree.sub(inputs.grads, res.residual), _tree.scale(inputs.damping, d))
+        return DirectionResult(
+            d=d,
+            model=inputs.op,
+            damped_model=False,
+            qd=cd,
+            keep=d,
+            iterations=res.iterations,
+            status=res.status,
+            kept_iteration=res.iterations,
+            f_unit=None,
+            finite=_tree.all_finite(d) & (res.status != solvers.NONFINITE),
+        )
+
+    return Direction("cg", True, compute)
+
+
+def cg_backtracking(*, maxiter: int, tol: float, martens_stop: bool) -> Direction:
+    """CG with saved iterates and Martens' backtracking over them; Q = C."""
+
+    def compute(inputs: DirectionInputs) -> DirectionResult:
+        res = _cg(inputs, maxiter=maxiter, tol=tol, martens_stop=martens_stop, save_iterates=True)
+        one = jnp.asarray(1.0, inputs.damping.dtype)
+        j, f_j = solvers.backtrack(res, lambda d: inputs.trial(d, one))
+        d = jax.tree.map(lambda s: s[j], res.saved)
+        return DirectionResult(
+            d=d,
+            model=inputs.op,
+            damped_model=False,
+            qd=None,
+            keep=res.x,
+            iterations=res.iterations,
+            status=res.status,
+            kept_iteration=res.saved_steps[j],
+            f_unit=f_j,
+            finite=_tree.all_finite(res.x) & (res.status != solvers.NONFINITE),
+        )
+
+    return Direction("cg_backtracking", True, compute)
+
+
+def dense_solve(*, method: str = "auto") -> Direction:
+    """d = (C + λI)⁻¹ g by a dense Cholesky solve (primal or Woodbury by size); Q = C."""
+
+    def compute(inputs: DirectionInputs) -> DirectionResult:
+        curvature, apply_fn, loss, params, batch, key = inputs.problem
+        d, cd = dense.dense_direction(
+            curvature.name,
+            apply_fn,
+            loss,
+            params,
+            batch,
+            inputs.grads,
+            inputs.damping,
+            key=key,
+            method=method,
+            num_samples=curvature.num_samples,
+        )
+        zero = jnp.zeros((), jnp.int32)
+        return DirectionResult(
+            d=d,
+            model=inputs.op,
+            damped_model=False,
+            qd=cd,
+            keep=d,
+            iterations=zero,
+            status=zero,
+            kept_iteration=zero,
+            f_unit=None,
+            finite=_tree.all_finite(d),
+        )
+
+    return Direction("dense", True, compute)
+
+
+def factored() -> Direction:
+    """d = M⁻¹ g with M the preconditioner's damped approximation (K-FAC); Q = M."""
+
+    def compute(inputs: DirectionInputs) -> DirectionResult:
+        if inputs.approx is None:
+            raise ValueError("preconditioner: a factored direction needs a preconditioner")
+        d = inputs.approx.inverse()(inputs.grads)
+        zero = jnp.zeros((), jnp.int32)
+        return DirectionResult(
+            d=d,
+            model=inputs.approx,
+            damped_model=True,
+            qd=inputs.grads,
+            keep=d,
+            iterations=zero,
+            status=zero,
+            kept_iteration=zero,
+            f_unit=None,
+            finite=_tree.all_finite(d),
+        )
+
+    return Direction("factored", False, compute)

@@ -1,0 +1,42 @@
+r"""The guard: whether a step is taken, and λ for the next one.
+
+A step is rejected when the batch is bad (its gradient or loss is non-finite), when the step is
+non-finite (its direction, step size, curvature, preconditioner state or trial loss), or when it
+is refused (the step rule found no acceptable α, or the trial loss rose). Then
+
+    λ' = λ                              for a bad batch: the data, not λ, was at fault;
+    λ' = rule.update(λ, ρ = −∞)         for a finite refused step, when the rule reads ρ
+                                        (Levenberg-Marquardt: λ · 3/2);
+    λ' = rule.reject(λ)                 otherwise (× REJECT_FACTOR, at most max_damping);
+
+and after an accepted step λ' = rule.update(λ, ρ). λ' is clipped to the rule's bounds on
+every path, so no sequence of batches drives it to 0 or ∞.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from natgrad.damping import DampingRule
+
+
+def reduction_ratio(actual, predicted) -> jax.Array:
+    """ρ = actual / predicted reduction; −∞ when the loss is non-finite or rose with no predicted
+    rise (Martens 2010, §4.1)."""
+    rho = actual / predicted
+    bad = ~jnp.isfinite(actual) | ~jnp.isfinite(rho) | (predicted >= 0)
+    return jnp.where(bad, -jnp.inf, rho)
+
+
+def verdict(
+    rule: DampingRule, damping, rho, *, bad_batch, finite, refused
+) -> tuple[jax.Array, jax.Array]:
+    """(accepted, λ for the next step)."""
+    accepted = ~bad_batch & finite & ~refused
+    if rule.needs_rho:
+        on_reject = jnp.where(finite, rule.update(damping, -jnp.inf), rule.reject(damping))
+    else:
+        on_reject = rule.reject(damping)
+    new = jnp.where(accepted, rule.update(damping, rho), jnp.where(bad_batch, damping, on_reject))
+    return accepted, jnp.clip(new, rule.min_damping, rule.max_damping).astype(damping.dtype)

@@ -1,0 +1,121 @@
+r"""K-FAC as an optax transformation (Martens & Grosse, 2015).
+
+The pipeline of `natgrad.optimizers` whose direction is a factored inverse instead of a solve.
+The curvature is block diagonal: a Kronecker product A ⊗ G for each dense layer the model
+declares with `natgrad.layers.dense`, a diagonal block for every other parameter
+(`natgrad.kronecker` has the maths). One step, given the gradient g:
+
+1. Curvature (the preconditioner `natgrad.preconditioners.kfac`): one forward and backward pass
+   of the instrumented model on the batch, with targets sampled from the model
+   (``curvature="fisher_mc"``, the true Fisher; hence ``key=``), folded into exponential moving
+   averages (decay `ema_decay`); the inverses of the factored-Tikhonov-damped factors,
+   (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, refreshed every `inverse_every` steps.
+2. Direction Δ = F̂⁻¹ g blockwise: A⁻¹ [dW; db] G⁻¹; with momentum, s = Δ + μ s_prev.
+3. Step size: a trust region in KL with the damped K-FAC matrix in place of F,
+       α = min(lr, sqrt(2δ / sᵀ(F̂ + λ)s)),   δ = `kl_radius`,
+   where sᵀ(F̂ + λ)s = gᵀΔ costs nothing when μ = 0 (one K-FAC product otherwise): "K-FAC with
+   KL clipping" (Ba, Grosse & Martens 2017).
+4. Damping: λ fixed (default) or a `natgrad.damping` rule; a rule that needs the reduction ratio
+   gets ρ = (f(θ + p) − f(θ)) / (−α gᵀs + ½ α² sᵀ(F̂ + λ)s) from one extra forward pass.
+5. Guard: if the gradient, the statistics, the direction or α is non-finite, the update is zero
+   and the averages, inverses and momentum stay as they were (`rejected_steps` counts it).
+
+`state.preconditioner_state` is the `natgrad.kronecker.KroneckerState`; its `registered_layers`
+counts the dense layers the model passed through `natgrad.layers.dense` (the rest of the
+parameters use diagonal blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optax
+
+from natgrad import curvature as curvature_lib
+from natgrad import preconditioners, step_rules
+from natgrad.damping import DampingRule, as_rule
+from natgrad.optimizers import _checks, _directions, _pipeline, defaults
+
+__all__ = ["kfac"]
+
+
+def kfac(
+    apply_fn: Callable,
+    loss,
+    *,
+    learning_rate: float | optax.Schedule = 1.0,
+    damping: float | DampingRule = defaults.KFAC_DAMPING,
+    momentum: float = 0.0,
+    preconditioner: preconditioners.Preconditioner | None = None,
+    curvature: str | curvature_lib.Curvature = "fisher_mc",
+    step_rule: str | step_rules.StepRule = "kl",
+    kl_radius: float = defaults.KL_RADIUS,
+    ema_decay: float = 0.95,
+    inverse_every: int = defaults.KFAC_INVERSE_EVERY,
+    statistics_every: int = defaults.KFAC_STATISTICS_EVERY,
+    fisher_type: str | None = None,
+    reject_rises: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC: updates = −α F̂⁻¹ g, F̂ Kronecker-factored per dense layer, α from a KL trust region.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs``; dense layers computed with
+        `natgrad.layers.dense` get Kronecker blocks, every other parameter a diagonal one.
+      loss: a `natgrad.losses` loss.
+      learning_rate: the cap on α (a float or an optax schedule).
+      damping: λ > 0 (fixed) or a `natgrad.damping` rule.
+      momentum: μ of heavy-ball momentum on the direction (0 disables).
+      preconditioner: the factored approximation M whose inverse gives the direction; default
+        ``natgrad.preconditioners.kfac(curvature=curvature, ema_decay=..., inverse_every=...)``.
+      curvature: ``"fisher_mc"`` (true Fisher, targets drawn from the model), ``"fisher"``
+        (output curvature's square root, one backward pass per output) or
+        ``"empirical_fisher"``. (`fisher_type` is its deprecated name.)
+      step_rule, kl_radius: as in `natural_gradient`; δ = `kl_radius`.
+      ema_decay: β of the factors' moving averages.
+      inverse_every: refresh the inverses every this many steps.
+      statistics_every: take the factors' statistics (one instrumented forward and backward
+        pass) every this many steps.
+
+      reject_rises: compute the loss after the step, f(θ + p), on every step and reject the
+        step if it rose (one forward pass; with False it is computed only when the damping rule
+        needs ρ).
+
+    The update needs ``batch=(inputs, targets)`` and, unless ``curvature="empirical_fisher"``,
+    ``key=``; it accepts ``eval_batch=`` for the damping rule's trial loss.
+
+    Example::
+
+        def apply_fn(params, x):
+            h = jax.nn.relu(natgrad.layers.dense(params[0], x))
+            return natgrad.layers.dense(params[1], h)
+
+        opt = natgrad.kfac(apply_fn, natgrad.losses.softmax_cross_entropy())
+        state = opt.init(params)
+        grads = jax.grad(mean_loss)(params, x, y)
+        updates, state = opt.update(grads, state, params, batch=(x, y), key=key)
+        params = optax.apply_updates(params, updates)
+    """
+    kind = preconditioners.kfac_curvature(curvature, fisher_type)
+    if preconditioner is None:
+        preconditioner = preconditioners.kfac(
+            curvature=kind,
+            ema_decay=ema_decay,
+            inverse_every=inverse_every,
+            statistics_every=statistics_every,
+        )
+    if not isinstance(damping, DampingRule):
+        # λ = 0 would leave singular factors (e.g. constant input pixels) uninvertible.
+        _checks.number("damping", damping)
+    parts = _pipeline.Parts(
+        name="kfac",
+        curvature=kind,
+        direction=_directions.factored(),
+        step_rule=step_rules.resolve(step_rule, kl_radius=_checks.number("kl_radius", kl_radius)),
+        damping=as_rule(damping),
+        learning_rate=_checks.learning_rate(learning_rate),
+        momentum=_checks.momentum(momentum),
+        warm_start=0.0,
+        preconditioner=_checks.preconditioner(preconditioner),
+        reject_rises=bool(reject_rises),
+    )
+    return _pipeline.transform(apply_fn, _checks.loss(loss), parts)

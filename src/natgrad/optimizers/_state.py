@@ -1,0 +1,78 @@
+"""The state every natgrad optimiser keeps, the parts it is made of, and the checks of its call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from natgrad import curvature as curvature_lib
+from natgrad.damping import DampingRule
+from natgrad.optimizers._directions import Direction
+from natgrad.preconditioners import Preconditioner
+from natgrad.step_rules import StepRule
+
+PyTree = Any
+
+
+class State(NamedTuple):
+    """The state of `natural_gradient`, `hessian_free` and `kfac`: one layout, the same logged
+    fields everywhere."""
+
+    count: jax.Array  # steps taken (accepted or not)
+    damping: jax.Array  # λ for the next step
+    step_size: jax.Array  # α of the last step (0 if rejected)
+    rho: jax.Array  # reduction ratio of the last step, NaN if not computed
+    step_kl: jax.Array  # ½ α² sᵀFs, the quadratic prediction of the step's output KL
+    rejected_steps: jax.Array  # steps rejected so far
+    cg_iterations: jax.Array  # CG iterations of the last step (0 without CG)
+    cg_status: jax.Array  # natgrad.solvers.STATUS_NAMES[cg_status]
+    backtrack_iteration: jax.Array  # the CG iteration whose iterate was taken
+    direction: PyTree  # the last direction, for the warm start
+    momentum: PyTree  # the last search direction s
+    preconditioner_state: Any  # e.g. K-FAC's `natgrad.kronecker.KroneckerState`
+
+
+class Parts(NamedTuple):
+    """What an optimiser is made of."""
+
+    name: str
+    curvature: curvature_lib.Curvature
+    direction: Direction
+    step_rule: StepRule
+    damping: DampingRule
+    learning_rate: float | Callable
+    momentum: float
+    warm_start: float
+    preconditioner: Preconditioner | None
+    reject_rises: bool = True  # compute f(θ + p) every step and reject a rise
+    curvature_batch: int | None = None  # curvature products on the first n examples only
+
+
+def scalar_dtype(params: PyTree):
+    """Scalars of the state in the parameters' widest float type, at least float32."""
+    return jnp.result_type(*jax.tree.leaves(params), jnp.float32)
+
+
+def check_params(name: str, params: PyTree) -> None:
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError(f"params: {name} needs at least one parameter array, got none")
+    for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise ValueError(
+                f"params: {name} needs floating-point parameters, got a leaf of dtype "
+                f"{jnp.result_type(leaf)}"
+            )
+
+
+def check_call(name: str, params, batch, key, needs_key: bool) -> None:
+    """Fail loudly, naming the argument, when `update` misses what it needs."""
+    if params is None:
+        raise ValueError(f"params: {name}.update needs the current parameters")
+    if batch is None:
+        raise ValueError(f"batch: {name}.update needs the keyword argument batch=(inputs, targets)")
+    if needs_key and key is None:
+        raise ValueError(f"key: {name} samples from the model and needs the keyword argument key=")

@@ -1,0 +1,71 @@
+"""Dense float64 oracles of a tiny model's curvature, by autodiff on the raveled parameters.
+
+Independent of natgrad's matrix-free code: Jacobians from `jax.jacfwd`, output Hessians and the
+loss Hessian from `jax.hessian`, per-example gradients from `jax.jacrev`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+
+def _flat_model(apply_fn, params, x):
+    flat, unravel = ravel_pytree(params)
+    return flat, unravel, lambda v: apply_fn(unravel(v), x)
+
+
+def ggn(apply_fn, loss, params, batch) -> np.ndarray:
+    """(1/B) Σ_i J_iᵀ H_i J_i with H_i = ∂²ℓ/∂z² of each example."""
+    x, y = batch
+    flat, _, model = _flat_model(apply_fn, params, x)
+    z = model(flat)
+    jac = jax.jacfwd(model)(flat)  # (B, K, n)
+    h = jax.vmap(lambda zi, yi: jax.hessian(lambda u: loss.nll(u[None], yi[None])[0])(zi))(z, y)
+    return np.asarray(jnp.einsum("bkn,bkl,blm->nm", jac, h, jac) / z.shape[0])
+
+
+def fisher(apply_fn, loss, params, batch) -> np.ndarray:
+    """The Fisher of natgrad's (exponential-family) losses equals their GGN."""
+    return ggn(apply_fn, loss, params, batch)
+
+
+def empirical_fisher(apply_fn, loss, params, batch) -> np.ndarray:
+    """(1/B) Σ_i g_i g_iᵀ from per-example gradients."""
+    x, y = batch
+    flat, _, model = _flat_model(apply_fn, params, x)
+    per_example = jax.jacrev(lambda v: loss.nll(model(v), y))(flat)  # (B, n)
+    return np.asarray(per_example.T @ per_example / x.shape[0])
+
+
+def hessian(apply_fn, loss, params, batch) -> np.ndarray:
+    x, y = batch
+    flat, _, model = _flat_model(apply_fn, params, x)
+    return np.asarray(jax.hessian(lambda v: loss.mean(model(v), y))(flat))
+
+
+def fisher_mc(apply_fn, loss, params, batch, key) -> np.ndarray:
+    """(1/B) Σ_i g̃_i g̃_iᵀ with g̃_i the gradient at a target sampled from the model by `key`."""
+    x, _ = batch
+    flat, _, model = _flat_model(apply_fn, params, x)
+    sampled = loss.sample(jax.random.split(key, 1)[0], model(flat))
+    per_example = jax.jacrev(lambda v: loss.nll(model(v), sampled))(flat)
+    return np.asarray(per_example.T @ per_example / x.shape[0])
+
+
+CURVATURES = {
+    "ggn": ggn,
+    "fisher": fisher,
+    "empirical_fisher": empirical_fisher,
+    "hessian": hessian,
+}
+
+
+def gradient(apply_fn, loss, params, batch) -> np.ndarray:
+    x, y = batch
+    flat, _, model = _flat_model(apply_fn, params, x)
+    return np.asarray(jax.grad(lambda v: loss.mean(model(v), y))(flat))
+
+
+def damped_solve(matrix: np.ndarray, g: np.ndarray, damping: float) -> np.ndarray:
+    return np.linalg.solve(matrix + damping * np.eye(len(g)), g)
