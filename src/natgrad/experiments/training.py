@@ -144,7 +144,8 @@ def make_step(transform: optax.GradientTransformation, apply_fn: Callable, loss)
 
     ``batch = (x, t)``; the mean loss is ``loss.mean(apply_fn(params, x), t)`` (a
     `natgrad.losses` loss). ``key`` goes to ``update`` with the batch when `transform` takes
-    extra arguments (natgrad's optimizers use it for sampled curvature); jit the step yourself.
+    extra arguments (natgrad's optimizers use it for sampled curvature), with ``value=`` (the loss
+    just computed, which spares natgrad a forward pass); jit the step yourself.
     """
     extra_args = isinstance(transform, optax.GradientTransformationExtraArgs)
 
@@ -152,7 +153,9 @@ def make_step(transform: optax.GradientTransformation, apply_fn: Callable, loss)
         x, t = batch
         value, grads = jax.value_and_grad(lambda p: loss.mean(apply_fn(p, x), t))(params)
         if extra_args:
-            updates, opt_state = transform.update(grads, opt_state, params, batch=batch, key=key)
+            updates, opt_state = transform.update(
+                grads, opt_state, params, batch=batch, key=key, value=value
+            )
         else:
             updates, opt_state = transform.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
