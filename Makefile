@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench bench-quick bench-peers bench-peers-quick lint data clean pinn
+.PHONY: demo test test-fast bench bench-quick bench-peers bench-peers-quick lint data clean pinn
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,16 @@ demo: $(VENV)/.experiments
 pinn: $(VENV)/.experiments
 	$(VENV)/bin/natgrad pinn --problem poisson2d --budget 180 --out results/pinn-poisson2d
 
+# The full suite (what CI runs): ~8 min on a quiet 2-core machine, ~20 min on a loaded one.
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
+
+# The inner loop: every test but those marked slow (end-to-end runs, subprocesses, compiles of
+# full-size models); under 2 min on a quiet 2-core machine.
+test-fast: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.test data
 	$(PY) -m benchmarks --out results/bench

@@ -57,3 +57,35 @@ def test_readme_python_blocks_run_as_pasted(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "natural gradient: loss" in proc.stdout and "K-FAC: loss" in proc.stdout
     assert "README checks passed" in proc.stdout
+
+
+# --- make test / make test-fast (issue 18.13) ---------------------------------------------
+
+MAKEFILE = os.path.join(os.path.dirname(README), "Makefile")
+
+
+def _recipe(target: str) -> list[str]:
+    """The command lines of `target` in the Makefile."""
+    with open(MAKEFILE, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    recipe = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def test_make_test_fast_skips_the_slow_tests_and_make_test_runs_everything():
+    fast = [line for line in _recipe("test-fast") if "pytest" in line]
+    full = [line for line in _recipe("test") if "pytest" in line]
+    assert len(fast) == 1 and '-m "not slow"' in fast[0]
+    assert len(full) == 1 and "not slow" not in full[0] and " -k " not in full[0]
+
+
+def test_readme_says_how_long_make_test_takes_and_offers_test_fast():
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    assert re.search(r"make test`? is the full suite[^.]*about \d+ minutes", text)
+    assert "make test-fast" in text and "under 2 minutes" in text

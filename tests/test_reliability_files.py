@@ -197,7 +197,7 @@ def test_a_damaged_checkpoint_from_the_shell_has_no_traceback(damaged_dir, tmp_p
     path = _damage(damaged_dir, "empty file")
     argv = [*TRAIN, "--checkpoint-dir", str(damaged_dir), "--out", str(tmp_path / "o"), "--resume"]
     proc = subprocess.run(
-        [sys.executable, "-m", "natgrad", *argv], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "natgrad", *argv], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and str(path) in proc.stderr
