@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models whose dense curvature matrices are cheap to form in float64."""
 
+import os
+
 import jax
 
 # Dense oracles are float64. Tests that exercise float32 paths ask for float32 explicitly.
@@ -59,3 +61,34 @@ def problem(loss, *, batch_size=5, in_dim=3, hidden=4, out_dim=3, seed=0):
     x = jax.random.normal(k2, (batch_size, in_dim))
     y = make_targets(loss, k3, batch_size, out_dim)
     return params, (x, y)
+
+
+# --- `make test-fast`: the slow marker from tests/slow_tests.txt ---------------------------
+
+_SLOW_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_tests.txt")
+
+
+def slow_test_prefixes() -> list[str]:
+    """The entries of tests/slow_tests.txt (comments and blank lines dropped)."""
+    with open(_SLOW_TESTS, encoding="utf-8") as f:
+        lines = (line.split("#", 1)[0].strip() for line in f)
+        return [line for line in lines if line]
+
+
+def _is_listed(nodeid: str, prefixes: list[str]) -> bool:
+    """`nodeid` is a listed file or test, or starts with a listed ``prefix*``."""
+    for p in prefixes:
+        if p.endswith("*"):
+            if nodeid.startswith(p[:-1]):
+                return True
+        elif nodeid == p or nodeid.startswith((p + "::", p + "[")):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    prefixes = slow_test_prefixes()
+    for item in items:
+        if _is_listed(item.nodeid, prefixes):
+            item.add_marker(pytest.mark.slow)

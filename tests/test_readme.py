@@ -89,3 +89,22 @@ def test_readme_says_how_long_make_test_takes_and_offers_test_fast():
         text = f.read()
     assert re.search(r"make test`? is the full suite[^.]*about \d+ minutes", text)
     assert "make test-fast" in text and "under 2 minutes" in text
+
+
+def test_every_slow_test_entry_names_an_existing_test():
+    """A renamed test would silently drop out of the slow list (and slow down test-fast)."""
+    from conftest import slow_test_prefixes
+
+    root = os.path.dirname(README)
+    entries = slow_test_prefixes()
+    assert (
+        "tests/test_cli.py::test_killed_and_resumed_training_ends_bitwise_like_an_uninterrupted_run"
+        in entries
+    )
+    for entry in entries:
+        path, _, test = entry.rstrip("*").partition("::")
+        assert os.path.isfile(os.path.join(root, path)), entry
+        name = re.split(r"[\[*]", test)[0]
+        if name:
+            with open(os.path.join(root, path), encoding="utf-8") as f:
+                assert re.search(rf"^def {re.escape(name)}\(", f.read(), re.MULTILINE), entry
