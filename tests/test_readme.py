@@ -86,7 +86,7 @@ def test_make_test_fast_skips_the_slow_tests_and_make_test_runs_everything():
 
 def test_readme_says_how_long_make_test_takes_and_offers_test_fast():
     with open(README, encoding="utf-8") as f:
-        text = f.read()
+        text = " ".join(f.read().split())
     assert re.search(r"make test`? is the full suite[^.]*about \d+ minutes", text)
     assert "make test-fast" in text and "under 2 minutes" in text
 
