@@ -4,7 +4,7 @@
    unwritable files go to a temp directory, and one line says so (status 1, no traceback).
 7. Concurrent runs: an --out in use by a live run is refused (one line, status 2), the lock of
    a dead run is taken over, and cleaning stale temp files spares another live writer's.
-12. `--version`; `train` without --checkpoint-dir; `--steps N`.
+12. `--version`; `train` without --checkpoint-dir; `--steps N`; `--help` imports no JAX.
 """
 
 import contextlib
@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from natgrad.experiments import checkpoint, cli, report, session, training
 
@@ -186,6 +188,19 @@ def test_version():
         [sys.executable, "-m", "natgrad", "--version"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.strip() == f"natgrad {natgrad.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["lineup", "--help"]])
+def test_help_and_version_import_no_jax(argv):
+    code = (
+        "import sys\n"
+        "from natgrad.experiments import cli\n"
+        f"status = cli.main({argv!r})\n"
+        "print(status, sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "0 []"
 
 
 def test_train_needs_no_checkpoint_dir_and_stops_after_steps(tmp_path, capsys, monkeypatch):
