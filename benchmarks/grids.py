@@ -73,8 +73,8 @@ def grids(task: str) -> list[Grid]:
     The natural-gradient variants are those of `natgrad.curvature` that differ here: the GGN is
     the Fisher for softmax and Bernoulli outputs (so "ngd-fisher" is natural gradient with the
     GGN too), and the indefinite Hessian is Newton-CG rather than natural gradient. The sampled
-    curvatures get the fixed damping 1e-2 of the experiments' lineup. The autoencoder runs the
-    optimisers of the issue: SGD+momentum, Adam, natural gradient, Hessian-free and K-FAC.
+    curvatures get the fixed damping 1e-2 of the experiments' lineup. The autoencoder runs
+    SGD+momentum, Adam, natural gradient, Hessian-free and K-FAC.
     K-FAC runs natural gradient's grid of δ.
     """
     if task not in VALUES:
