@@ -1,14 +1,18 @@
-"""K-FAC's cost and its worth as a preconditioner, on MLP 784-128-10 at batch 128, float32.
+"""K-FAC's cost and its worth as a preconditioner, float32, single-threaded BLAS.
 
-1. Step time: the whole jitted training step (`value_and_grad` + `update` + `apply_updates`) of
-   `natgrad.kfac` with inverses refreshed every 5 steps, over `optax.sgd`'s, measured side by side
-   in one process. A timed sample is 5 consecutive steps (`benchmarks.steps.chain`), so it holds
-   exactly one refresh. Also reported: K-FAC with the refresh never due (the per-step cost
-   alone) — the difference is what inverting the 785 × 785 and 128 × 128 factors costs — and
-   K-FAC with BLAS held to one thread by `threadpoolctl`, when installed (`benchmarks` already
-   sets OPENBLAS_NUM_THREADS=1; on a shared, oversubscribed machine multithreaded OpenBLAS
-   factorisations of n ≥ 256 were measured to take ~0.5 s instead of ~5 ms).
-2. CG iterations to reach ‖r‖ ≤ tol·‖b‖ on (GGN + λI) d = g (g the gradient), with no
+1. Step time (MLP 784-128-10 at batch 128, and 784-512-512-10 at batch 1024): the whole jitted
+   training step (`value_and_grad` + `update` + `apply_updates`) of `natgrad.kfac` with its
+   defaults (statistics every 5 steps, inverses every 50), with the old schedule (statistics
+   every step, inverses every 5), and without the trial loss (`reject_rises=False`), over
+   `optax.sgd`'s. The optimisers take turns (interleaved rounds); a sample is one full period of
+   50 consecutive steps, so the amortised statistics and inverses are in it; the ratio to SGD
+   is taken within each round and its median reported.
+2. Where the time goes: each phase of a K-FAC step as its own jitted function, ÷ an SGD step —
+   the gradient (forward and backward), a forward pass (the trial loss), the statistics pass
+   (instrumented forward and backward, folded into the averages), the inverses of the damped
+   factors, and their application A⁻¹ V G⁻¹ to the gradient — and the amortised sum
+   gradient + application + forward + statistics / 5 + inverses / 50.
+3. CG iterations to reach ‖r‖ ≤ tol·‖b‖ on (GGN + λI) d = g (g the gradient), with no
    preconditioner, Martens' diagonal, the exact GGN diagonal, Hutchinson's diagonal and K-FAC
    (one batch's statistics, λ-damped). The GGN of a batch of 128 has rank ≤ 128·9 = 1152 of
    101,770 parameters: on its null space the damped matrix is λI, which plain CG handles in one
@@ -18,49 +22,124 @@
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import jax
 import optax
 
 import natgrad
-from benchmarks.steps import CHAIN, make_step, seconds_per_step, warm_up
-from benchmarks.timing import batch, machine, mlp, write_json
-from natgrad import _tree, curvature, losses, preconditioners, solvers
+from benchmarks.timing import batch, machine, median_seconds, mlp, write_json
+from natgrad import _tree, curvature, kronecker, losses, preconditioners, solvers
+from natgrad.experiments import training
+from natgrad.optimizers import defaults
 
 SIZES = (784, 128, 10)
 BATCH_SIZE = 128
-INVERSE_EVERY = CHAIN  # so a timed chain of steps holds exactly one refresh
+MODELS = (((784, 128, 10), 128), ((784, 512, 512, 10), 1024))
+PERIOD = defaults.KFAC_INVERSE_EVERY  # a timed sample holds one inverse refresh
+TARGETS = {(784, 128, 10): 3.0, (784, 512, 512, 10): 1.5}  # issue 14: K-FAC step ÷ SGD step
 
 
-def bench_steps(repeats: int) -> dict:
-    params, apply_fn = mlp(SIZES, jax.random.PRNGKey(0))  # layers declared to K-FAC
-    data = batch(jax.random.PRNGKey(1), BATCH_SIZE)
-    loss = losses.softmax_cross_entropy()
-    opts = {
-        "sgd": (optax.sgd(0.1), False),
-        "kfac": (natgrad.kfac(apply_fn, loss, inverse_every=INVERSE_EVERY), True),
-        "kfac_no_refresh": (natgrad.kfac(apply_fn, loss, inverse_every=10**9), True),
+def _optimizers(apply_fn, loss):
+    kfac = natgrad.kfac
+    return {
+        "sgd": optax.sgd(0.1),
+        "adam": optax.adam(1e-3),
+        "kfac": kfac(apply_fn, loss),
+        "kfac_no_trial_loss": kfac(apply_fn, loss, reject_rises=False),
+        "kfac_every_step_inverse_5": kfac(apply_fn, loss, statistics_every=1, inverse_every=5),
     }
+
+
+def bench_steps(sizes, batch_size, rounds: int, period: int) -> dict:
+    params, apply_fn = mlp(sizes, jax.random.PRNGKey(0))
+    data = batch(jax.random.PRNGKey(1), batch_size)
+    loss = losses.softmax_cross_entropy()
     key = jax.random.PRNGKey(2)
+    opts = _optimizers(apply_fn, loss)
+    steps = {n: jax.jit(training.make_step(o, apply_fn, loss)) for n, o in opts.items()}
+    states = {}
+    for name, opt in opts.items():  # compile, and a first period so the state is typical
+        p, s = params, opt.init(params)
+        for i in range(period):
+            p, s, _ = steps[name](p, s, data, jax.random.fold_in(key, i))
+        states[name] = jax.block_until_ready((p, s))
+    samples = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name in opts:
+            p, s = states[name]
+            start = time.perf_counter()
+            for i in range(period):
+                p, s, _ = steps[name](p, s, data, jax.random.fold_in(key, i))
+            jax.block_until_ready((p, s))
+            samples[name].append((time.perf_counter() - start) / period)
+            states[name] = (p, s)
+    sgd = samples["sgd"]
+    rows = {
+        name: {
+            "step_seconds": statistics.median(t),
+            "step_over_sgd": statistics.median(a / b for a, b in zip(t, sgd, strict=True)),
+        }
+        for name, t in samples.items()
+    }
+    target = TARGETS.get(tuple(sizes))
+    rows["kfac"]["target_step_over_sgd"] = target
+    rows["kfac"]["within_target"] = target is not None and rows["kfac"]["step_over_sgd"] <= target
+    return {"model": list(sizes), "batch_size": batch_size, "optimizers": rows}
 
-    def timed(opt, extra):
-        step = make_step(opt, apply_fn, loss, extra)
-        p, s = warm_up(step, params, opt.init(params), data, key)
-        return seconds_per_step(step, p, s, data, repeats, key=key)
 
-    rows = {name: {"step_seconds": timed(opt, extra)} for name, (opt, extra) in opts.items()}
-    try:
-        import threadpoolctl
-    except ImportError:
-        threadpoolctl = None
-    if threadpoolctl is not None:
-        with threadpoolctl.threadpool_limits(1, "blas"):
-            rows["kfac_blas_1_thread"] = {"step_seconds": timed(opts["kfac"][0], True)}
-    for row in rows.values():
-        row["step_over_sgd"] = row["step_seconds"] / rows["sgd"]["step_seconds"]
-    rows["kfac"]["target_step_over_sgd"] = 3.0
-    rows["kfac"]["within_target"] = rows["kfac"]["step_over_sgd"] <= 3.0
-    return rows
+def bench_phases(sizes, batch_size, repeats: int) -> dict:
+    """Each phase of a K-FAC step ÷ an SGD step, and their amortised sum."""
+    params, apply_fn = mlp(sizes, jax.random.PRNGKey(0))
+    data = batch(jax.random.PRNGKey(1), batch_size)
+    loss = losses.softmax_cross_entropy()
+    key = jax.random.PRNGKey(2)
+    sgd = optax.sgd(0.1)
+    sgd_step = jax.jit(training.make_step(sgd, apply_fn, loss))
+    sgd_state = sgd.init(params)
+    grads = jax.grad(lambda p: loss.mean(apply_fn(p, data[0]), data[1]))(params)
+    pre = preconditioners.kfac(statistics_every=1, inverse_every=1)
+    state = pre.init(params)
+
+    def statistics_pass(state, params, data, key):
+        stats, registered, _ = kronecker.statistics(apply_fn, loss, params, data, key=key)
+        return kronecker.update(state, stats, 1e-3, registered, ema_decay=0.95, refresh=False)
+
+    stats_fn = jax.jit(statistics_pass)
+    state = stats_fn(state, params, data, key)
+    registered = (True,) * len(state.factors.a)
+    inverse_fn = jax.jit(lambda st: kronecker.refresh_inverses(st, 1e-3, registered, True))
+    state = inverse_fn(state)
+    phases = {
+        "sgd_step": lambda: sgd_step(params, sgd_state, data, key),
+        "gradient": lambda: grad_fn(params, data),
+        "forward": lambda: forward_fn(params, data),
+        "statistics": lambda: stats_fn(state, params, data, key),
+        "inverses": lambda: inverse_fn(state),
+        "application": lambda: apply_fn_(state, grads),
+    }
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1])))
+    forward_fn = jax.jit(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1]))
+    apply_fn_ = jax.jit(lambda st, g: kronecker.apply_inverse(st, 1e-3, registered, g))
+    seconds = {name: median_seconds(fn, repeats=repeats) for name, fn in phases.items()}
+    ratio = {name: t / seconds["sgd_step"] for name, t in seconds.items()}
+    every_s, every_i = defaults.KFAC_STATISTICS_EVERY, defaults.KFAC_INVERSE_EVERY
+    amortised = (
+        ratio["gradient"]
+        + ratio["application"]
+        + ratio["forward"]
+        + ratio["statistics"] / every_s
+        + ratio["inverses"] / every_i
+    )
+    return {
+        "model": list(sizes),
+        "batch_size": batch_size,
+        "phase_over_sgd": ratio,
+        "amortised_sum_over_sgd": amortised,
+        "statistics_every": every_s,
+        "inverse_every": every_i,
+    }
 
 
 def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
@@ -114,15 +193,14 @@ def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    repeats = 5 if quick else 20
+    models = MODELS[:1] if quick else MODELS
+    rounds, period = (2, 10) if quick else (7, PERIOD)
     return {
         "benchmark": "kfac",
         "dtype": "float32",
-        "model": list(SIZES),
-        "batch_size": BATCH_SIZE,
-        "inverse_every": INVERSE_EVERY,
-        "note": "step times side by side in one process; medians after compilation",
-        "steps": bench_steps(repeats),
+        "note": "step times interleaved in one process; per-round ratios to SGD, medians",
+        "steps": [bench_steps(sizes, b, rounds, period) for sizes, b in models],
+        "phases": [bench_phases(sizes, b, 5 if quick else 15) for sizes, b in models],
         "cg": [
             bench_cg(d, tol=1e-4, maxiter=300 if quick else 1000, num_probes=10)
             for d in (1e-3, 1e-1)
@@ -138,9 +216,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     payload = run(args.quick)
     path = write_json(args.out, "kfac.json", payload)
-    for name, row in payload["steps"].items():
-        ms, ratio = 1e3 * row["step_seconds"], row["step_over_sgd"]
-        print(f"  {name:16s} {ms:7.2f} ms  step/sgd {ratio:5.2f}")
+    for block in payload["steps"]:
+        print(f"  MLP {block['model']} batch {block['batch_size']}:")
+        for name, row in block["optimizers"].items():
+            ms, ratio = 1e3 * row["step_seconds"], row["step_over_sgd"]
+            print(f"    {name:26s} {ms:7.2f} ms  step/sgd {ratio:5.2f}")
+    for block in payload["phases"]:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in block["phase_over_sgd"].items())
+        print(f"  phases ÷ sgd, MLP {block['model']}: {parts}")
+        print(f"    amortised sum {block['amortised_sum_over_sgd']:.2f}")
     for block in payload["cg"]:
         print(f"  CG to tol {block['tol']:g} at damping {block['damping']:g}:")
         for name, row in block["preconditioners"].items():

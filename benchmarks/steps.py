@@ -3,7 +3,10 @@
 MLP 784-128-10 at batch 128 and MLP 784-512-512-10 at batch 1024, float32. A step is the whole
 jitted training step of `natgrad.experiments.training.make_step`. For the
 natural-gradient steps we also report step / gradient against the budget 2 + 1.2k gradients for
-k CG iterations, and the number of curvature products the step really made.
+k CG iterations, and the number of curvature products the step really made. A sample is a chain
+of 5 steps: it holds one of K-FAC's statistics passes but, with inverses every 50 steps, rarely
+an inversion; `benchmarks/kfac.py` times K-FAC over whole 50-step periods (its honest amortised
+cost).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ def make_step(opt, apply_fn, loss, extra_args=None):
     return jax.jit(training.make_step(opt, apply_fn, loss))
 
 
-# Steps timed back to back, the state threaded through: K-FAC refreshes its inverses every 5th
-# step, so a median over repeats of one step from one state would never see a refresh.
+# Steps timed back to back, the state threaded through: K-FAC takes its statistics every 5th
+# step, so a median over repeats of one step from one state would never see them.
 CHAIN = 5
 
 
