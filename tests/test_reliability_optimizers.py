@@ -263,3 +263,26 @@ def test_schedules_as_learning_rate(name):
         step, _ = runner(opt)
         new, state, _ = step(params, opt.init(params), x, y, jax.random.PRNGKey(0))
         assert all_finite(new) and float(state.step_size) <= float(lr(0)) + 1e-7
+
+
+def test_kfac_warns_when_no_layer_is_declared():
+    """Before: a model with plain x @ w + b silently got diagonal blocks (0.906 vs 0.940)."""
+
+    def plain(params, x):
+        for layer in params[:-1]:
+            x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        return x @ params[-1]["w"] + params[-1]["b"]
+
+    params, (x, y) = init(), data()
+    opt = natgrad.kfac(plain, CE)
+    grads = jax.grad(lambda p: CE.mean(plain(p, x), y))(params)
+    with pytest.warns(UserWarning, match="natgrad.layers.dense"):
+        opt.update(grads, opt.init(params), params, batch=(x, y), key=jax.random.PRNGKey(0))
+    declared = natgrad.kfac(relu_mlp, CE)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        declared.update(
+            grads, declared.init(params), params, batch=(x, y), key=jax.random.PRNGKey(0)
+        )

@@ -245,6 +245,18 @@ def kfac_curvature(curvature, fisher_type) -> curvature_lib.Curvature:
     return kind
 
 
+def _warn_unregistered() -> None:
+    # At trace time, so once per compilation (and Python shows a warning once per place).
+    warnings.warn(
+        "natgrad K-FAC: the model declared no layer with natgrad.layers.dense, so every "
+        "parameter gets a diagonal block (a diagonal preconditioner, not K-FAC); compute dense "
+        "layers with natgrad.layers.dense(params, x) to get Kronecker blocks "
+        "(state.preconditioner_state.registered_layers counts them)",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 def kfac(
     *,
     curvature: str | curvature_lib.Curvature = "fisher_mc",
@@ -282,6 +294,8 @@ def kfac(
             )
             seen["registered"] = registered
             seen["loss"] = loss.mean(outputs, batch[1])
+            if not any(registered):
+                _warn_unregistered()
             return kronecker.update(
                 state, stats, damping, registered, ema_decay=ema_decay, refresh=refresh
             )
