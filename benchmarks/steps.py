@@ -35,12 +35,8 @@ def lineup(apply_fn, loss):
     return opts
 
 
-def make_step(opt, apply_fn, loss, extra_args=None):
-    """The jitted ``step(params, state, batch, key) -> (params, state, loss)``.
-
-    `extra_args` is unused (`training.make_step` gives ``batch=`` and ``key=`` to every
-    transform that takes extra arguments); benchmarks/kfac.py still passes it.
-    """
+def make_step(opt, apply_fn, loss):
+    """The jitted ``step(params, state, batch, key) -> (params, state, loss)``."""
     return jax.jit(training.make_step(opt, apply_fn, loss))
 
 
