@@ -30,7 +30,7 @@ import optax
 
 import natgrad
 from benchmarks.timing import batch, machine, median_seconds, mlp, write_json
-from natgrad import _tree, curvature, kronecker, losses, preconditioners, solvers
+from natgrad import curvature, kronecker, losses, preconditioners, solvers
 from natgrad.experiments import training
 from natgrad.optimizers import defaults
 
@@ -177,7 +177,7 @@ def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
                 tol=tol,
                 preconditioner=apply_inverse,
             )
-            return res.iterations, res.status, res.residual_norm / _tree.norm(op.gradient())
+            return res.iterations, res.status, res.residual_norm / optax.tree.norm(op.gradient())
 
         return run(params, data, jax.random.PRNGKey(3))
 
