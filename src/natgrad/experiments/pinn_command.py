@@ -31,7 +31,7 @@ HELP = "PINN (2D/5D Poisson): exact-solve energy natural gradient vs baselines"
 # The names of pinn.PROBLEMS and pinn_run.OPTIMIZERS, spelled out so that building the
 # parser (natgrad --help) imports no JAX; tests/test_pinn.py checks that they agree.
 PROBLEMS = ("poisson2d", "poisson5d")
-OPTIMIZERS = ("engd-dense", "ngd-cg", "hessian-free", "adam", "lbfgs", "gd")
+OPTIMIZERS = ("engd-dense", "ngd-dense", "ngd-cg", "hessian-free", "adam", "lbfgs", "gd")
 
 
 def _widths(text: str) -> tuple[int, ...]:

@@ -14,6 +14,9 @@ The lineup (``OPTIMIZERS``):
   λ = 1e-10 fixed: measured on poisson2d (tanh 2-32-32-1, 300 steps), λ = 1e-8 stalls at a
   relative error of 2.5e-6, λ = L(θ) (Levenberg) at 1.6e-4, λ = 1e-12 breaks the Cholesky
   factorisation of RRᵀ + λI (RRᵀ is numerically singular), λ = 1e-10 reaches 4e-7.
+* ``ngd-dense``: the same solve through the public API, ``natgrad.natural_gradient(residual_fn,
+  squared_error(), curvature="ggn", solver="dense", step_rule="line_search", damping=1e-10)``
+  (Armijo backtracking from α = 1 instead of the paper's grid; rising steps rejected).
 * ``ngd-cg``: ``natgrad.natural_gradient`` with the GGN, 200 CG iterations, the quadratic-model
   step and Levenberg-Marquardt damping allowed down to 1e-10 (the classification defaults, a
   KL trust region and λ ≥ 1e-2, cap the accuracy of a regression to zero residual).
@@ -53,7 +56,7 @@ __all__ = [
 PyTree = Any
 THRESHOLDS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 LINE_SEARCH_GRID = tuple(0.5**k for k in range(30))
-OPTIMIZERS = ("engd-dense", "ngd-cg", "hessian-free", "adam", "lbfgs", "gd")
+OPTIMIZERS = ("engd-dense", "ngd-dense", "ngd-cg", "hessian-free", "adam", "lbfgs", "gd")
 ENGD_DAMPING = 1e-10
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
 GD_LRS = (1e-4, 1e-3)
@@ -150,6 +153,22 @@ def make_stepper(name: str, work: Workload) -> Stepper:
     """The optimiser called `name` (from `optimizer_names`) on `work`."""
     if name == "engd-dense":
         return engd_dense(work)
+    if name == "ngd-dense":
+        hyper = {
+            "curvature": "ggn",
+            "solver": "dense",
+            "step_rule": "line_search",
+            "damping": ENGD_DAMPING,
+        }
+        opt = natgrad.natural_gradient(
+            work.apply_fn,
+            natgrad.losses.squared_error(),
+            curvature="ggn",
+            solver="dense",
+            step_rule="line_search",
+            damping=ENGD_DAMPING,
+        )
+        return _from_natgrad(work, opt, hyper)
     if name == "ngd-cg":
         hyper = {
             "curvature": "ggn",
