@@ -108,3 +108,15 @@ def test_every_slow_test_entry_names_an_existing_test():
         if name:
             with open(os.path.join(root, path), encoding="utf-8") as f:
                 assert re.search(rf"^def {re.escape(name)}\(", f.read(), re.MULTILINE), entry
+
+
+def test_readme_names_the_models_extra_the_examples_need():
+    """Issue 18.14: the extra was mentioned only in docs/model_libraries.md."""
+    with open(os.path.join(os.path.dirname(README), "pyproject.toml"), encoding="utf-8") as f:
+        extra = re.search(r"^models = \[(.*?)\]", f.read(), re.MULTILINE | re.DOTALL).group(1)
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    assert 'pip install -e ".[models]"' in text
+    for package in ("flax", "equinox", "haiku"):
+        assert package in extra, package
+        assert package in text.split('pip install -e ".[models]"')[0].rsplit("\n\n", 1)[-1]
