@@ -43,8 +43,7 @@ def optimizers():
         apply, LOSS, momentum=0.5, preconditioner=natgrad.preconditioners.martens_diagonal()
     )
     opts["hessian-free"] = natgrad.hessian_free(apply, LOSS)
-    if hasattr(natgrad, "kfac"):
-        opts["kfac"] = natgrad.kfac(apply, LOSS)
+    opts["kfac"] = natgrad.kfac(apply, LOSS)
     return opts
 
 
