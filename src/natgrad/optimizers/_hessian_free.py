@@ -103,7 +103,11 @@ def hessian_free(
             martens_stop=bool(martens_stop),
         ),
         step_rule=step_rules.resolve(step_rule),
-        damping=as_rule(defaults.HESSIAN_FREE_DAMPING if damping is None else damping),
+        damping=as_rule(
+            (defaults.DENSE_DAMPING if solver == "dense" else defaults.HESSIAN_FREE_DAMPING)
+            if damping is None
+            else damping
+        ),
         learning_rate=_checks.learning_rate(learning_rate),
         momentum=_checks.momentum(momentum),
         warm_start=_checks.number(

@@ -33,6 +33,10 @@ __all__ = ["natural_gradient", "SOLVERS"]
 SOLVERS = ("cg", "dense")
 
 
+def _default_damping(solver: str):
+    return defaults.DENSE_DAMPING if solver == "dense" else defaults.NATURAL_GRADIENT_DAMPING
+
+
 def natural_gradient(
     apply_fn: Callable,
     loss,
@@ -60,7 +64,9 @@ def natural_gradient(
       loss: a `natgrad.losses` loss, e.g. ``softmax_cross_entropy()``.
       learning_rate: α for ``step_rule="fixed"``, the cap on α otherwise; a float or schedule.
       damping: λ ≥ 0 (fixed) or a rule from `natgrad.damping`; default
-        `defaults.NATURAL_GRADIENT_DAMPING`, Levenberg-Marquardt from 1e-2 with floor 1e-2.
+        `defaults.NATURAL_GRADIENT_DAMPING`, Levenberg-Marquardt from 1e-2 with floor 1e-2
+        (with ``solver="dense"``: `defaults.DENSE_DAMPING`, 1e-10 fixed, for small models
+        fitted to high accuracy such as PINNs).
       momentum: μ of heavy-ball momentum on the direction (0 disables).
       preconditioner: a `natgrad.preconditioners.Preconditioner` for CG, or None.
       curvature: ``"fisher" | "fisher_mc" | "empirical_fisher" | "ggn" | "hessian"`` or a
@@ -106,7 +112,7 @@ def natural_gradient(
             martens_stop=bool(martens_stop),
         ),
         step_rule=step_rules.resolve(step_rule, kl_radius=_checks.number("kl_radius", kl_radius)),
-        damping=as_rule(defaults.NATURAL_GRADIENT_DAMPING if damping is None else damping),
+        damping=as_rule(_default_damping(solver) if damping is None else damping),
         learning_rate=_checks.learning_rate(learning_rate),
         momentum=_checks.momentum(momentum),
         warm_start=_checks.number(
