@@ -486,7 +486,9 @@ def _metrics(state, progress, spe, compile_seconds, resumed_from) -> dict[str, A
     }
     for name in AVERAGED_STATS:
         total = progress.stat_sums.get(name)
-        metrics[f"mean_{name}"] = None if total is None else total / max(progress.step, 1)
+        # One state layout: K-FAC's has cg_iterations too, always 0; no CG ran, so no mean.
+        none = total is None or (name == "cg_iterations" and total == 0)
+        metrics[f"mean_{name}"] = None if none else total / max(progress.step, 1)
     for name in FINAL_STATS:
         value = getattr(state.opt_state, name, None)
         metrics[f"final_{name}" if name == "damping" else name] = (
