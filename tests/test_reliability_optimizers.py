@@ -94,7 +94,9 @@ def test_repeated_refused_steps_keep_damping_bounded_and_recover(name):
     """Steps that always fail (a learning rate of 1e6 with the fixed step rule) raise λ at most to
     max_damping; with a sane rate afterwards the optimiser recovers."""
     rule = natgrad.damping.levenberg_marquardt(1e-2, min_damping=1e-2, max_damping=1e3)
-    bad = FACTORIES[name](relu_mlp, CE, learning_rate=1e6, step_rule="fixed", damping=rule)
+    bad = FACTORIES[name](
+        relu_mlp, CE, learning_rate=1e6, step_rule="fixed", damping=rule, reject_rises=True
+    )
     step, mean_loss = runner(bad)
     params, (x, y) = init(), data()
     state = bad.init(params)
@@ -104,7 +106,7 @@ def test_repeated_refused_steps_keep_damping_bounded_and_recover(name):
         assert float(state.damping) <= 1e3
         assert float(mean_loss(params, x, y)) <= start  # before: the loss rose to ~1e12
     assert all_finite(params)
-    good = FACTORIES[name](relu_mlp, CE, damping=rule)
+    good = FACTORIES[name](relu_mlp, CE, damping=rule, reject_rises=True)
     step, _ = runner(good)
     state = state._replace(count=jnp.zeros_like(state.count))
     for i in range(40):
@@ -140,9 +142,10 @@ def test_kfac_with_huge_inputs_stays_finite():
 
 
 def test_kfac_tiny_fixed_damping_never_raises_the_loss():
-    """Before: λ = 1e-12 fixed, no trial loss at all: loss 2.4 → ~120 after one step."""
+    """Before: λ = 1e-12 fixed, no trial loss at all: loss 2.4 → ~120 after one step. K-FAC's
+    guard against rises costs a forward pass, so it is asked for (off by default)."""
     params, (x, y) = init(), data()
-    opt = natgrad.kfac(relu_mlp, CE, damping=1e-12)
+    opt = natgrad.kfac(relu_mlp, CE, damping=1e-12, reject_rises=True)
     step, mean_loss = runner(opt)
     state = opt.init(params)
     value = float(mean_loss(params, x, y))
@@ -151,6 +154,18 @@ def test_kfac_tiny_fixed_damping_never_raises_the_loss():
         new = float(mean_loss(params, x, y))
         assert new <= value
         value = new
+
+
+def test_kfac_tiny_fixed_damping_by_default_stays_finite_and_bounded():
+    """λ = 1e-12 for 50 steps with K-FAC's defaults: params and λ finite, the loss finite."""
+    params, (x, y) = init(), data()
+    opt = natgrad.kfac(relu_mlp, CE, damping=1e-12)
+    step, mean_loss = runner(opt)
+    state = opt.init(params)
+    for i in range(50):
+        params, state, _ = step(params, state, x, y, jax.random.PRNGKey(i))
+    assert all_finite(params) and math.isfinite(float(mean_loss(params, x, y)))
+    assert float(state.damping) <= natgrad.damping.MAX_DAMPING
 
 
 def test_quadratic_rule_refuses_indefinite_curvature():

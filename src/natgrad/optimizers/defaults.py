@@ -31,6 +31,7 @@ __all__ = [
     "KFAC_DAMPING",
     "KFAC_STATISTICS_EVERY",
     "KFAC_INVERSE_EVERY",
+    "KFAC_REJECT_RISES",
     "KL_RADIUS",
     "WARM_START",
 ]
@@ -72,6 +73,11 @@ KFAC_DAMPING = 1e-3
 # steps to ~4 at no cost in steps.
 KFAC_STATISTICS_EVERY = 5
 KFAC_INVERSE_EVERY = 50
+
+# The trial loss f(θ + p) that rejects a rising step: natural_gradient and hessian_free compute it
+# anyway (ρ, line search), K-FAC would pay a forward pass for it — measured 2 % of its step on
+# 784-128-10 / batch 128 and 15 % on 784-512-512-10 / batch 1024 — so K-FAC's is off by default.
+KFAC_REJECT_RISES = False
 
 KL_RADIUS = 1e-3  # δ of the KL trust region (natural_gradient, kfac)
 WARM_START = 0.95  # ζ, CG warm-start decay (Martens 2010, §4.5)
