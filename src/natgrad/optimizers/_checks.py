@@ -62,3 +62,11 @@ def preconditioner(value) -> Preconditioner | None:
         f"preconditioner: expected None or a natgrad.preconditioners.Preconditioner, "
         f"got {type(value).__name__}"
     )
+
+
+def warm_start(value) -> float:
+    return number("warm_start", value, high=1.0, allow_low=True, allow_high=True)
+
+
+def optional_integer(name: str, value) -> int | None:
+    return None if value is None else integer(name, value)

@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from natgrad import _tree, dense, operators, solvers
+from natgrad.optimizers import _checks
 
 PyTree = Any
+SOLVERS = ("cg", "dense")
 
 
 class DirectionInputs(NamedTuple):
@@ -121,6 +123,37 @@ def cg_backtracking(*, maxiter: int, tol: float, martens_stop: bool) -> Directio
     return Direction("cg_backtracking", True, compute)
 
 
+def _without_solver(d, model, qd, damped_model: bool) -> DirectionResult:
+    zero = jnp.zeros((), jnp.int32)
+    return DirectionResult(
+        d=d,
+        model=model,
+        damped_model=damped_model,
+        qd=qd,
+        keep=d,
+        iterations=zero,
+        status=zero,
+        kept_iteration=zero,
+        f_unit=None,
+        finite=_tree.all_finite(d),
+    )
+
+
+def from_solver(solver: str, *, maxiter, tol, martens_stop, backtracking: bool) -> Direction:
+    """The direction a factory's `solver=` names: ``"dense"`` or ``"cg"`` (with Martens'
+    backtracking when `backtracking`), its options checked."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
+    if solver == "dense":
+        return dense_solve()
+    make = cg_backtracking if backtracking else cg_solve
+    return make(
+        maxiter=_checks.integer("maxiter", maxiter),
+        tol=_checks.number("tol", tol, allow_low=True),
+        martens_stop=bool(martens_stop),
+    )
+
+
 def dense_solve(*, method: str = "auto") -> Direction:
     """d = (C + λI)⁻¹ g by a dense Cholesky solve (primal or Woodbury by size); Q = C."""
 
@@ -138,19 +171,7 @@ def dense_solve(*, method: str = "auto") -> Direction:
             method=method,
             num_samples=curvature.num_samples,
         )
-        zero = jnp.zeros((), jnp.int32)
-        return DirectionResult(
-            d=d,
-            model=inputs.op,
-            damped_model=False,
-            qd=cd,
-            keep=d,
-            iterations=zero,
-            status=zero,
-            kept_iteration=zero,
-            f_unit=None,
-            finite=_tree.all_finite(d),
-        )
+        return _without_solver(d, inputs.op, cd, damped_model=False)
 
     return Direction("dense", True, compute)
 
@@ -162,18 +183,6 @@ def factored() -> Direction:
         if inputs.approx is None:
             raise ValueError("preconditioner: a factored direction needs a preconditioner")
         d = inputs.approx.inverse()(inputs.grads)
-        zero = jnp.zeros((), jnp.int32)
-        return DirectionResult(
-            d=d,
-            model=inputs.approx,
-            damped_model=True,
-            qd=inputs.grads,
-            keep=d,
-            iterations=zero,
-            status=zero,
-            kept_iteration=zero,
-            f_unit=None,
-            finite=_tree.all_finite(d),
-        )
+        return _without_solver(d, inputs.approx, inputs.grads, damped_model=True)
 
     return Direction("factored", False, compute)

@@ -81,8 +81,6 @@ def hessian_free(
 
     The update needs ``batch=(inputs, targets)`` and accepts ``eval_batch=`` for trial losses.
     """
-    if solver not in ("cg", "dense"):
-        raise ValueError(f"solver: expected 'cg' or 'dense', got {solver!r}")
     if step_rule == "line_search":
         step_rule = step_rules.line_search(armijo_c, armijo_shrink, max_linesearch)
     if isinstance(preconditioner, str):
@@ -95,12 +93,8 @@ def hessian_free(
     parts = _pipeline.Parts(
         name="hessian_free",
         curvature=curvature_lib.resolve(curvature),
-        direction=_directions.dense_solve()
-        if solver == "dense"
-        else _directions.cg_backtracking(
-            maxiter=_checks.integer("maxiter", maxiter),
-            tol=_checks.number("tol", tol, allow_low=True),
-            martens_stop=bool(martens_stop),
+        direction=_directions.from_solver(
+            solver, maxiter=maxiter, tol=tol, martens_stop=martens_stop, backtracking=True
         ),
         step_rule=step_rules.resolve(step_rule),
         damping=as_rule(
@@ -110,13 +104,9 @@ def hessian_free(
         ),
         learning_rate=_checks.learning_rate(learning_rate),
         momentum=_checks.momentum(momentum),
-        warm_start=_checks.number(
-            "warm_start", warm_start, high=1.0, allow_low=True, allow_high=True
-        ),
+        warm_start=_checks.warm_start(warm_start),
         preconditioner=_checks.preconditioner(preconditioner),
         reject_rises=bool(reject_rises),
-        curvature_batch=None
-        if curvature_batch is None
-        else _checks.integer("curvature_batch", curvature_batch),
+        curvature_batch=_checks.optional_integer("curvature_batch", curvature_batch),
     )
     return _pipeline.transform(apply_fn, _checks.loss(loss), parts)

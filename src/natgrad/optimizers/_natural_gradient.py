@@ -30,7 +30,7 @@ from natgrad.preconditioners import Preconditioner
 
 __all__ = ["natural_gradient", "SOLVERS"]
 
-SOLVERS = ("cg", "dense")
+SOLVERS = _directions.SOLVERS
 
 
 def _default_damping(solver: str):
@@ -97,31 +97,21 @@ def natural_gradient(
         updates, state = opt.update(grads, state, params, batch=(x, y))
         params = optax.apply_updates(params, updates)
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
     parts = _pipeline.Parts(
         name="natural_gradient",
         curvature=curvature_lib.resolve(
             curvature, num_samples=_checks.integer("num_samples", num_samples)
         ),
-        direction=_directions.dense_solve()
-        if solver == "dense"
-        else _directions.cg_solve(
-            maxiter=_checks.integer("maxiter", maxiter),
-            tol=_checks.number("tol", tol, allow_low=True),
-            martens_stop=bool(martens_stop),
+        direction=_directions.from_solver(
+            solver, maxiter=maxiter, tol=tol, martens_stop=martens_stop, backtracking=False
         ),
         step_rule=step_rules.resolve(step_rule, kl_radius=_checks.number("kl_radius", kl_radius)),
         damping=as_rule(_default_damping(solver) if damping is None else damping),
         learning_rate=_checks.learning_rate(learning_rate),
         momentum=_checks.momentum(momentum),
-        warm_start=_checks.number(
-            "warm_start", warm_start, high=1.0, allow_low=True, allow_high=True
-        ),
+        warm_start=_checks.warm_start(warm_start),
         preconditioner=_checks.preconditioner(preconditioner),
         reject_rises=bool(reject_rises),
-        curvature_batch=None
-        if curvature_batch is None
-        else _checks.integer("curvature_batch", curvature_batch),
+        curvature_batch=_checks.optional_integer("curvature_batch", curvature_batch),
     )
     return _pipeline.transform(apply_fn, _checks.loss(loss), parts)
