@@ -230,6 +230,15 @@ def _bad_inputs(tmp_path):
             ["compare", *SMALL, "--set", "ngd-fisher.kl_radius=-1", *out],
             "kl_radius",
         ),
+        # optax.sgd checks nothing: natgrad's lineup refuses what would train on nonsense.
+        "negative sgd rate": (
+            ["compare", *SMALL, "--set", "sgd.learning_rate=-1", *out],
+            "sgd.learning_rate",
+        ),
+        "nan sgd rate": (
+            ["compare", *SMALL, "--set", "sgd.learning_rate=nan", *out],
+            "sgd.learning_rate",
+        ),
         "batch too large": (["compare", *SMALL, "--batch-size", "100000", *out], "batch-size"),
     }
 
@@ -244,6 +253,8 @@ BAD_INPUTS = [
     "no mnist in data dir",
     "unknown hyperparameter",
     "bad hyperparameter",
+    "negative sgd rate",
+    "nan sgd rate",
     "batch too large",
 ]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -173,6 +174,11 @@ def _coerce(name: str, key: str, default: Any, value: Any) -> Any:
         raise LineupError(f"--set {name}.{key}: expected true or false, got {value!r}")
     if _is_number(default) and not _is_number(value):
         raise LineupError(f"--set {name}.{key}: expected a number, got {value!r}")
+    # optax's factories check nothing: a NaN, infinite or non-positive rate would train on.
+    if _is_number(value) and not math.isfinite(value):
+        raise LineupError(f"--set {name}.{key}: expected a finite number, got {value!r}")
+    if key == "learning_rate" and _is_number(value) and value <= 0:
+        raise LineupError(f"--set {name}.{key}: expected a number > 0, got {value!r}")
     # An integer given for a float hyperparameter ("1" for a learning rate) means that float.
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
