@@ -26,10 +26,10 @@ demo: $(VENV)/.experiments
 pinn: $(VENV)/.experiments
 	$(VENV)/bin/natgrad pinn --problem poisson2d --budget 180 --out results/pinn-poisson2d
 
-# The full suite (what CI runs): ~8 min on a quiet 2-core machine, ~20 min on a loaded one.
+# The full suite (what CI runs), on 2 xdist workers, one test file each: ~10 min on 2 cores.
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The inner loop: every test but those marked slow (end-to-end runs, subprocesses, compiles of
 # full-size models); under 2 min on a quiet 2-core machine.
