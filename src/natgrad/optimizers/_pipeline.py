@@ -141,7 +141,7 @@ def transform(
         if res.model.psd:
             sfs = sqs
         else:  # the KL's second-order term is the Fisher (= GGN), not an indefinite Hessian
-            sfs = _tree.vdot(s, curvature_lib.ggn(apply_fn, loss, params, batch).mv(s))
+            sfs = _tree.vdot(s, curvature_lib.ggn(apply_fn, loss, params, cbatch).mv(s))
             sfs = sfs.astype(dtype)
 
         # 3. Step size.
