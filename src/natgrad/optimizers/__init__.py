@@ -8,7 +8,7 @@ from natgrad.optimizers import defaults
 from natgrad.optimizers._hessian_free import hessian_free
 from natgrad.optimizers._kfac import kfac
 from natgrad.optimizers._natural_gradient import SOLVERS, natural_gradient
-from natgrad.optimizers._pipeline import State
+from natgrad.optimizers._state import State
 
 # One state type; the per-optimiser names are kept for readers' code.
 NaturalGradientState = HessianFreeState = KFACState = State

@@ -47,14 +47,14 @@ class DirectionInputs(NamedTuple):
 class DirectionResult(NamedTuple):
     d: PyTree
     model: operators.Operator  # Q of the quadratic model
-    damped_model: bool  # Q already includes λ
-    qd: PyTree | None  # Q d when it came for free
-    keep: PyTree  # what the next step warm-starts from
-    iterations: jax.Array
-    status: jax.Array  # natgrad.solvers.STATUS_NAMES index
-    kept_iteration: jax.Array  # the CG iteration whose iterate d is
-    f_unit: jax.Array | None  # f(θ − d) when it was evaluated
     finite: jax.Array
+    damped_model: bool = False  # Q already includes λ
+    qd: PyTree | None = None  # Q d when it came for free
+    keep: PyTree | None = None  # what the next step warm-starts from (None: d)
+    iterations: jax.Array = 0
+    status: jax.Array = 0  # natgrad.solvers.STATUS_NAMES index
+    kept_iteration: jax.Array | None = None  # the CG iteration whose iterate d is (None: last)
+    f_unit: jax.Array | None = None  # f(θ − d) when it was evaluated
 
 
 class Direction(NamedTuple):
@@ -76,6 +76,14 @@ def _cg(inputs: DirectionInputs, *, maxiter, tol, martens_stop, save_iterates):
     )
 
 
+def _finite(res: solvers.CGResult) -> jax.Array:
+    return _tree.all_finite(res.x) & (res.status != solvers.NONFINITE)
+
+
+def _stats(res: solvers.CGResult) -> dict:
+    return {"iterations": res.iterations, "status": res.status}
+
+
 def cg_solve(*, maxiter: int, tol: float, martens_stop: bool) -> Direction:
     """d = (C + λI)⁻¹ g by preconditioned CG; Q = C."""
 
@@ -83,18 +91,7 @@ def cg_solve(*, maxiter: int, tol: float, martens_stop: bool) -> Direction:
         res = _cg(inputs, maxiter=maxiter, tol=tol, martens_stop=martens_stop, save_iterates=False)
         d = res.x
         cd = _tree.sub(_tree.sub(inputs.grads, res.residual), _tree.scale(inputs.damping, d))
-        return DirectionResult(
-            d=d,
-            model=inputs.op,
-            damped_model=False,
-            qd=cd,
-            keep=d,
-            iterations=res.iterations,
-            status=res.status,
-            kept_iteration=res.iterations,
-            f_unit=None,
-            finite=_tree.all_finite(d) & (res.status != solvers.NONFINITE),
-        )
+        return DirectionResult(d, inputs.op, _finite(res), qd=cd, **_stats(res))
 
     return Direction("cg", True, compute)
 
@@ -108,35 +105,16 @@ def cg_backtracking(*, maxiter: int, tol: float, martens_stop: bool) -> Directio
         j, f_j = solvers.backtrack(res, lambda d: inputs.trial(d, one))
         d = jax.tree.map(lambda s: s[j], res.saved)
         return DirectionResult(
-            d=d,
-            model=inputs.op,
-            damped_model=False,
-            qd=None,
+            d,
+            inputs.op,
+            _finite(res),
             keep=res.x,
-            iterations=res.iterations,
-            status=res.status,
             kept_iteration=res.saved_steps[j],
             f_unit=f_j,
-            finite=_tree.all_finite(res.x) & (res.status != solvers.NONFINITE),
+            **_stats(res),
         )
 
     return Direction("cg_backtracking", True, compute)
-
-
-def _without_solver(d, model, qd, damped_model: bool) -> DirectionResult:
-    zero = jnp.zeros((), jnp.int32)
-    return DirectionResult(
-        d=d,
-        model=model,
-        damped_model=damped_model,
-        qd=qd,
-        keep=d,
-        iterations=zero,
-        status=zero,
-        kept_iteration=zero,
-        f_unit=None,
-        finite=_tree.all_finite(d),
-    )
 
 
 def from_solver(solver: str, *, maxiter, tol, martens_stop, backtracking: bool) -> Direction:
@@ -171,7 +149,7 @@ def dense_solve(*, method: str = "auto") -> Direction:
             method=method,
             num_samples=curvature.num_samples,
         )
-        return _without_solver(d, inputs.op, cd, damped_model=False)
+        return DirectionResult(d, inputs.op, _tree.all_finite(d), qd=cd)
 
     return Direction("dense", True, compute)
 
@@ -183,6 +161,7 @@ def factored() -> Direction:
         if inputs.approx is None:
             raise ValueError("preconditioner: a factored direction needs a preconditioner")
         d = inputs.approx.inverse()(inputs.grads)
-        return _without_solver(d, inputs.approx, inputs.grads, damped_model=True)
+        finite = _tree.all_finite(d)
+        return DirectionResult(d, inputs.approx, finite, damped_model=True, qd=inputs.grads)
 
     return Direction("factored", False, compute)

@@ -40,3 +40,21 @@ def verdict(
         on_reject = rule.reject(damping)
     new = jnp.where(accepted, rule.update(damping, rho), jnp.where(bad_batch, damping, on_reject))
     return accepted, jnp.clip(new, rule.min_damping, rule.max_damping).astype(damping.dtype)
+
+
+def judge(
+    rule: DampingRule, damping, *, f0, f1, predicted, reject_rises, bad_batch, finite, allowed
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(accepted, λ for the next step, ρ) of a step whose trial loss is f1 (None: not
+    evaluated, so ρ is NaN and nothing rose)."""
+    if f1 is None:
+        rho = jnp.asarray(jnp.nan, damping.dtype)
+        rose = jnp.asarray(False)
+    else:
+        rho = reduction_ratio(f1 - f0, predicted).astype(damping.dtype)
+        rose = (f1 > f0) if reject_rises else jnp.asarray(False)
+        finite = finite & jnp.isfinite(f1)
+    accepted, new = verdict(
+        rule, damping, rho, bad_batch=bad_batch, finite=finite, refused=~allowed | rose
+    )
+    return accepted, new, rho

@@ -31,6 +31,7 @@ convention), spares a forward pass where no curvature pass computes it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -38,11 +39,10 @@ import jax.numpy as jnp
 import optax
 
 from natgrad import _tree
-from natgrad import curvature as curvature_lib
 from natgrad.losses import Loss
-from natgrad.optimizers import _guard
+from natgrad.optimizers import _guard, _quadratic
 from natgrad.optimizers._directions import DirectionInputs
-from natgrad.optimizers._state import Parts, State, check_call, check_params, scalar_dtype
+from natgrad.optimizers._state import Parts, advance, check_call, initial
 from natgrad.step_rules import StepQuantities
 
 
@@ -53,25 +53,6 @@ def transform(
     pre = parts.preconditioner
     needs_key = parts.curvature.needs_key or (pre is not None and pre.needs_key)
 
-    def init_fn(params):
-        check_params(parts.name, params)
-        dtype = scalar_dtype(params)
-        zero = jnp.zeros((), jnp.int32)
-        return State(
-            count=zero,
-            damping=jnp.asarray(parts.damping.initial, dtype),
-            step_size=jnp.zeros((), dtype),
-            rho=jnp.asarray(jnp.nan, dtype),
-            step_kl=jnp.zeros((), dtype),
-            rejected_steps=zero,
-            cg_iterations=zero,
-            cg_status=zero,
-            backtrack_iteration=zero,
-            direction=_tree.zeros_like(params),
-            momentum=_tree.zeros_like(params),
-            preconditioner_state=None if pre is None else pre.init(params),
-        )
-
     def update_fn(
         grads, state, params=None, *, batch=None, key=None, eval_batch=None, value=None, **extra
     ):
@@ -79,38 +60,19 @@ def transform(
         check_call(parts.name, params, batch, key, needs_key)
         lam = state.damping
         dtype = lam.dtype
-        uses_op = parts.direction.uses_operator
-        if uses_op and key is not None:
-            k_curv, k_pre = jax.random.split(key)
-        else:
-            k_curv, k_pre = None, key
-
-        # 1. Curvature and preconditioner (both on the curvature batch).
-        sub = parts.curvature_batch
-        cbatch = batch if sub is None else jax.tree.map(lambda a: a[:sub], tuple(batch))
-        op = None
-        if uses_op:
-            op = parts.curvature.operator(apply_fn, loss, params, cbatch, key=k_curv)
-        approx, pstate = None, state.preconditioner_state
-        if pre is not None:
-            approx, pstate = pre.update(
-                state.preconditioner_state,
-                params,
-                cbatch,
-                apply_fn=apply_fn,
-                loss=loss,
-                damping=lam,
-                key=k_pre,
-            )
+        cbatch, op, approx, pstate, k_curv = _curvature(
+            apply_fn, loss, parts, state, params, batch, key
+        )
         trial_inputs, trial_targets = batch if eval_batch is None else eval_batch
 
         def trial(v, alpha):
             moved = jax.tree.map(lambda p, a: p - (alpha * a).astype(p.dtype), params, v)
             return loss.mean(apply_fn(moved, trial_inputs), trial_targets).astype(dtype)
 
-        # The operator's loss is the batch's only when it saw the whole batch.
+        # f(θ): the caller's value_and_grad computed it, or the operator's pass did — when that
+        # pass saw the whole batch.
         known = (op if op is not None else approx) if parts.curvature_batch is None else None
-        if eval_batch is None and value is not None:  # the caller's value_and_grad computed it
+        if eval_batch is None and value is not None:
             f0 = jnp.asarray(value, dtype)
         elif eval_batch is None and getattr(known, "loss_value", None) is not None:
             f0 = known.loss_value.astype(dtype)
@@ -129,86 +91,65 @@ def transform(
                 problem=(parts.curvature, apply_fn, loss, params, cbatch, k_curv),
             )
         )
-        if parts.momentum:
-            s = _tree.axpy(parts.momentum, state.momentum, res.d)
-            qs = res.model.mv(s)
-        else:
-            s = res.d
-            qs = res.model.mv(s) if res.qd is None else res.qd
-        gs = _tree.vdot(grads, s).astype(dtype)
-        sqs = _tree.vdot(s, qs).astype(dtype)
-        sas = sqs if res.damped_model else sqs + lam * _tree.vdot(s, s).astype(dtype)
-        if res.model.psd:
-            sfs = sqs
-        else:  # the KL's second-order term is the Fisher (= GGN), not an indefinite Hessian
-            sfs = _tree.vdot(s, curvature_lib.ggn(apply_fn, loss, params, cbatch).mv(s))
-            sfs = sfs.astype(dtype)
+        s, q = _quadratic.along(
+            parts.momentum, state.momentum, res, grads, lam, (apply_fn, loss, params, cbatch)
+        )
 
         # 3. Step size.
         lr = parts.learning_rate
         lr = jnp.asarray(lr(state.count) if callable(lr) else lr, dtype)
         f_unit = res.f_unit if not parts.momentum else None
-        alpha, allowed, f1 = parts.step_rule.step_size(
-            StepQuantities(
-                lr=lr,
-                gs=gs,
-                sqs=sqs,
-                sas=sas,
-                sfs=sfs,
-                f0=f0,
-                trial=lambda a: trial(s, a),
-                f_unit=f_unit,
-            )
-        )
+        quantities = StepQuantities(lr=lr, f0=f0, trial=lambda a: trial(s, a), f_unit=f_unit, **q)
+        alpha, allowed, f1 = parts.step_rule.step_size(quantities)
         alpha = jnp.asarray(alpha, dtype)
-        updates = jax.tree.map(lambda p, v: (-alpha * v).astype(p.dtype), params, s)
-        predicted = -alpha * gs + 0.5 * alpha**2 * sqs
 
-        # 4. Reduction ratio (one forward pass, only when something reads it).
+        # 4–5. Reduction ratio (one forward pass, only when something reads it) and guard.
         if f1 is None and (parts.damping.needs_rho or parts.reject_rises):
             f1 = trial(s, alpha)
-        if f1 is None:
-            rho = jnp.asarray(jnp.nan, dtype)
-            rose, f1_finite = jnp.asarray(False), jnp.asarray(True)
-        else:
-            rho = _guard.reduction_ratio(f1 - f0, predicted).astype(dtype)
-            rose = (f1 > f0) if parts.reject_rises else jnp.asarray(False)
-            f1_finite = jnp.isfinite(f1)
-
-        # 5. Guard.
-        accepted, new_lam = _guard.verdict(
+        finite = res.finite & jnp.isfinite(alpha) & _tree.all_finite((q["sqs"], q["sfs"], pstate))
+        accepted, new_lam, rho = _guard.judge(
             parts.damping,
             lam,
-            rho,
+            f0=f0,
+            f1=f1,
+            predicted=-alpha * q["gs"] + 0.5 * alpha**2 * q["sqs"],
+            reject_rises=parts.reject_rises,
             bad_batch=~_tree.all_finite(grads) | ~jnp.isfinite(f0),
-            finite=(
-                res.finite
-                & jnp.isfinite(alpha)
-                & jnp.isfinite(sqs)
-                & jnp.isfinite(sfs)
-                & _tree.all_finite(pstate)
-                & f1_finite
-            ),
-            refused=~allowed | rose,
+            finite=finite,
+            allowed=allowed,
         )
 
-        keep = lambda new, old: _tree.where(accepted, new, old)  # noqa: E731
-        new_state = State(
-            count=state.count + 1,
+        new_state = advance(
+            state,
+            accepted,
+            params,
             damping=new_lam,
-            step_size=jnp.where(accepted, alpha, 0.0).astype(dtype),
+            alpha=alpha,
             rho=rho,
-            step_kl=jnp.where(accepted, 0.5 * alpha**2 * sfs, 0.0).astype(dtype),
-            rejected_steps=state.rejected_steps + (~accepted).astype(jnp.int32),
-            cg_iterations=jnp.asarray(res.iterations, jnp.int32),
-            cg_status=jnp.asarray(res.status, jnp.int32),
-            backtrack_iteration=jnp.asarray(res.kept_iteration, jnp.int32),
-            direction=keep(_tree.cast_like(res.keep, params), state.direction),
-            momentum=keep(_tree.cast_like(s, params), state.momentum),
-            preconditioner_state=keep(pstate, state.preconditioner_state),
+            sfs=q["sfs"],
+            result=res,
+            s=s,
+            preconditioner_state=pstate,
         )
         # jnp.where, not multiplication: 0 · NaN is NaN.
-        updates = jax.tree.map(lambda u: jnp.where(accepted, u, jnp.zeros_like(u)), updates)
+        updates = jax.tree.map(
+            lambda p, v: jnp.where(accepted, -alpha * v, 0.0).astype(p.dtype), params, s
+        )
         return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(functools.partial(initial, parts), update_fn)
+
+
+def _curvature(apply_fn, loss, parts: Parts, state, params, batch, key) -> tuple:
+    """Step 1 on the curvature batch: (batch, C or None, M or None, preconditioner state, key)."""
+    uses_op, pre = parts.direction.uses_operator, parts.preconditioner
+    k_curv, k_pre = jax.random.split(key) if uses_op and key is not None else (None, key)
+    sub = parts.curvature_batch
+    cbatch = batch if sub is None else jax.tree.map(lambda a: a[:sub], tuple(batch))
+    op = parts.curvature.operator(apply_fn, loss, params, cbatch, key=k_curv) if uses_op else None
+    approx, pstate = None, state.preconditioner_state
+    if pre is not None:
+        approx, pstate = pre.update(
+            pstate, params, cbatch, apply_fn=apply_fn, loss=loss, damping=state.damping, key=k_pre
+        )
+    return cbatch, op, approx, pstate, k_curv

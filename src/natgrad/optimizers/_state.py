@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from natgrad import _tree
 from natgrad import curvature as curvature_lib
 from natgrad.damping import DampingRule
 from natgrad.optimizers._directions import Direction
@@ -49,6 +50,52 @@ class Parts(NamedTuple):
     preconditioner: Preconditioner | None
     reject_rises: bool = True  # compute f(θ + p) every step and reject a rise
     curvature_batch: int | None = None  # curvature products on the first n examples only
+
+
+def initial(parts: Parts, params: PyTree) -> State:
+    """The state before the first step: λ = the rule's initial value, zero direction/momentum."""
+    check_params(parts.name, params)
+    dtype = scalar_dtype(params)
+    zero = jnp.zeros((), jnp.int32)
+    pre = parts.preconditioner
+    return State(
+        count=zero,
+        damping=jnp.asarray(parts.damping.initial, dtype),
+        step_size=jnp.zeros((), dtype),
+        rho=jnp.asarray(jnp.nan, dtype),
+        step_kl=jnp.zeros((), dtype),
+        rejected_steps=zero,
+        cg_iterations=zero,
+        cg_status=zero,
+        backtrack_iteration=zero,
+        direction=_tree.zeros_like(params),
+        momentum=_tree.zeros_like(params),
+        preconditioner_state=None if pre is None else pre.init(params),
+    )
+
+
+def advance(
+    state: State, accepted, params, *, damping, alpha, rho, sfs, result, s, preconditioner_state
+) -> State:
+    """The state after a step: what a rejected step would change is kept as it was."""
+    dtype = state.damping.dtype
+    keep = lambda new, old: _tree.where(accepted, new, old)  # noqa: E731
+    warm = result.d if result.keep is None else result.keep
+    kept = result.iterations if result.kept_iteration is None else result.kept_iteration
+    return State(
+        count=state.count + 1,
+        damping=damping,
+        step_size=jnp.where(accepted, alpha, 0.0).astype(dtype),
+        rho=rho,
+        step_kl=jnp.where(accepted, 0.5 * alpha**2 * sfs, 0.0).astype(dtype),
+        rejected_steps=state.rejected_steps + (~accepted).astype(jnp.int32),
+        cg_iterations=jnp.asarray(result.iterations, jnp.int32),
+        cg_status=jnp.asarray(result.status, jnp.int32),
+        backtrack_iteration=jnp.asarray(kept, jnp.int32),
+        direction=keep(_tree.cast_like(warm, params), state.direction),
+        momentum=keep(_tree.cast_like(s, params), state.momentum),
+        preconditioner_state=keep(preconditioner_state, state.preconditioner_state),
+    )
 
 
 def scalar_dtype(params: PyTree):
