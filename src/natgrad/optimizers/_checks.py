@@ -70,3 +70,19 @@ def warm_start(value) -> float:
 
 def optional_integer(name: str, value) -> int | None:
     return None if value is None else integer(name, value)
+
+
+_SHARED = {
+    "learning_rate": learning_rate,
+    "momentum": momentum,
+    "warm_start": warm_start,
+    "preconditioner": preconditioner,
+    "reject_rises": bool,
+    "curvature_batch": lambda v: optional_integer("curvature_batch", v),
+}
+
+
+def shared(*values) -> dict:
+    """The `Parts` fields every CG-based factory takes the same way, in this order, checked:
+    learning_rate, momentum, warm_start, preconditioner, reject_rises, curvature_batch."""
+    return {name: check(v) for (name, check), v in zip(_SHARED.items(), values, strict=True)}

@@ -102,11 +102,8 @@ def hessian_free(
             if damping is None
             else damping
         ),
-        learning_rate=_checks.learning_rate(learning_rate),
-        momentum=_checks.momentum(momentum),
-        warm_start=_checks.warm_start(warm_start),
-        preconditioner=_checks.preconditioner(preconditioner),
-        reject_rises=bool(reject_rises),
-        curvature_batch=_checks.optional_integer("curvature_batch", curvature_batch),
+        **_checks.shared(
+            learning_rate, momentum, warm_start, preconditioner, reject_rises, curvature_batch
+        ),
     )
     return _pipeline.transform(apply_fn, _checks.loss(loss), parts)
