@@ -1,21 +1,24 @@
-r"""Kronecker-factored curvature blocks for dense layers (K-FAC; Martens & Grosse, 2015).
+r"""Kronecker-factored curvature blocks for declared layers (K-FAC; Martens & Grosse, 2015).
 
 A dense layer y = ā W̄ has input ā = [a, 1] (a homogeneous coordinate carries the bias) and
-weights W̄ = [W; b] of shape (m+1, n). With per-example pre-activation gradients g_i = ∂ℓ_i/∂y_i,
-its block of the Fisher of the mean loss, over W̄ in row-major order (entry (j, k) at j·n + k),
-is
+weights W̄ = [W; b] of shape (m+1, n); a convolution is the same at every output pixel, with a
+the image patch and W reshaped to (kh·kw·c_in, c_out) (`natgrad.blocks`). With per-example
+pre-activation gradients g_i = ∂ℓ_i/∂y_i, its block of the Fisher of the mean loss, over W̄
+in row-major order (entry (j, k) at j·n + k), is
 
     F = (1/B) Σ_i (ā_i ā_iᵀ) ⊗ (g_i g_iᵀ)   ≈   A ⊗ G,
     A = (1/B) Σ_i ā_i ā_iᵀ,   G = (1/B) Σ_i g_i g_iᵀ,
 
-exact when the ā's and the g's are independent (Martens & Grosse, §3). Inputs with extra leading
-axes (B, T, m) average A over all B·T rows and sum G over T ("K-FAC expand").
+exact when the ā's and the g's are independent (Martens & Grosse, §3). Layers whose weights
+act at several positions per example (sequence and spatial axes, convolutions) use K-FAC
+*expand* or *reduce* (`weight_sharing`, `natgrad.blocks.sharing` has the maths); A is always
+normalised by its count of rows (its homogeneous corner Σ 1·1) and G by the batch size B.
 
 The steps, one function each:
 
 1. `statistics`: one VJP of the model instrumented by `natgrad.layers` returns Σ ā āᵀ and
-   Σ g gᵀ for every registered layer, g from the cotangents the `curvature` chooses
-   (`natgrad.curvature.Curvature.output_factor`):
+   Σ g gᵀ for every registered layer (`natgrad.blocks.tap`), g from the cotangents the
+   `curvature` chooses (`natgrad.curvature.Curvature.output_factor`):
    * ``"fisher_mc"`` (the true Fisher, sampled): targets ỹ ~ p(y | z) drawn from the model,
      cotangent ∇_z ℓ(z, ỹ), whose outer product has the output Fisher as expectation;
    * ``"fisher"`` / ``"ggn"``: the K columns of the output curvature's square root,
@@ -30,7 +33,8 @@ The steps, one function each:
    both (`natgrad.preconditioners.kfac`): statistics every T steps, inverses every N steps.
 3. Factored Tikhonov damping (§6.3): A ⊗ G + λI ≈ (A + π√λ I) ⊗ (G + √λ/π I) with
    π = sqrt((tr A / dim A) / (tr G / dim G)), the choice that minimises the cross terms' norm.
-4. `apply_inverse`: (A ⊗ G)⁻¹ vec(V) = vec(A⁻¹ V G⁻¹) for V = [dW; db], from explicit inverses
+4. `apply_inverse`: (A ⊗ G)⁻¹ vec(V) = vec(A⁻¹ V G⁻¹) for V = [dW.reshape(m, n); db], from
+   explicit inverses
    of the damped factors; a diagonal block divides by d + λ. `operator` wraps the damped
    approximation as a `natgrad.operators.Operator` whose `inverse()` is this map.
 
@@ -47,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax, tree_util
 
-from natgrad import _tree, layers
+from natgrad import _tree, blocks, layers
 from natgrad.curvature import Curvature, CurvatureOperator, check_batch, resolve
 from natgrad.losses import Loss
 
@@ -71,8 +75,9 @@ PyTree = Any
 
 
 class Factors(NamedTuple):
-    """One A and G per dense-looking dict of the params (zeros where unregistered), and the
-    diagonal block `diag` shaped like params (zeros inside registered layers)."""
+    """One A and G per layer-looking dict of the params, in `natgrad.layers.find_layers` order
+    (zeros where unregistered), and the diagonal block `diag` shaped like params (zeros inside
+    registered layers)."""
 
     a: tuple[jax.Array, ...]
     g: tuple[jax.Array, ...]
@@ -80,7 +85,7 @@ class Factors(NamedTuple):
 
 
 class Inverses(NamedTuple):
-    """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ per dense layer, λ the damping at the last refresh."""
+    """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ per layer, λ the damping at the last refresh."""
 
     a: tuple[jax.Array, ...]
     g: tuple[jax.Array, ...]
@@ -91,8 +96,9 @@ class KroneckerState(NamedTuple):
     updates: jax.Array  # statistics folded into the averages so far
     factors: Factors
     inverses: Inverses
-    registered_layers: jax.Array  # dense layers with Kronecker blocks in the last update
+    registered_layers: jax.Array  # layers with Kronecker blocks in the last update
     inverse_damping: jax.Array  # λ the inverses were computed with
+    registered_by_kind: dict  # the same count per kind: {"dense": n, "conv2d": n, ...}
 
 
 def factor_dtype(w) -> jnp.dtype:
@@ -113,18 +119,35 @@ def check_options(ema_decay, inverse_every, statistics_every=1) -> tuple[float, 
 
 
 def init(params: PyTree) -> KroneckerState:
-    """Zero factors and inverses for every dense-looking dict of `params`."""
+    """Zero factors and inverses for every layer-looking dict of `params`."""
     nodes, _ = layers.flatten(params)
     a, g = [], []
-    for i, m, n, has_bias in layers.find_dense(params):
-        dtype = factor_dtype(nodes[i]["w"])
-        a.append(jnp.zeros((m + has_bias, m + has_bias), dtype))
-        g.append(jnp.zeros((n, n), dtype))
+    for s in layers.find_layers(params):
+        dtype = factor_dtype(nodes[s.position]["w"])
+        a.append(jnp.zeros((s.m + s.has_bias, s.m + s.has_bias), dtype))
+        g.append(jnp.zeros((s.n, s.n), dtype))
     factors = Factors(tuple(a), tuple(g), _tree.zeros_like(params))
     zero = jnp.zeros((), jnp.int32)
     return KroneckerState(
-        zero, zero, factors, Inverses(tuple(a), tuple(g)), zero, jnp.zeros((), jnp.float32)
+        zero,
+        zero,
+        factors,
+        Inverses(tuple(a), tuple(g)),
+        zero,
+        jnp.zeros((), jnp.float32),
+        {kind: zero for kind in blocks.KINDS},
     )
+
+
+def count_by_kind(slots, registered) -> dict:
+    """{kind: number of registered layers of that kind} over every kind `natgrad.blocks` knows."""
+    return {
+        kind: jnp.asarray(
+            sum(used for s, used in zip(slots, registered, strict=True) if s.kind == kind),
+            jnp.int32,
+        )
+        for kind in blocks.KINDS
+    }
 
 
 def statistics(
@@ -135,32 +158,34 @@ def statistics(
     *,
     key: jax.Array | None,
     curvature: str | Curvature = "fisher_mc",
+    weight_sharing: str = "expand",
 ) -> tuple[Factors, tuple[bool, ...], jax.Array]:
-    """This batch's factors, which dense-looking dicts the model registered, and its outputs.
+    """This batch's factors, which layer-looking dicts the model registered, and its outputs.
 
     `registered` is static (known at trace time): slot l is True when the model passed that
-    dict to `natgrad.layers.dense`.
+    dict to `natgrad.layers.dense` / `natgrad.layers.conv2d`. `weight_sharing` is "expand" or
+    "reduce" (`natgrad.blocks.sharing`).
     """
     curvature = resolve(curvature)
     if key is None and curvature.name != "empirical_fisher":
         raise ValueError(f"key: K-FAC with curvature {curvature.name!r} needs a PRNG key")
     inputs, targets = check_batch(batch)
-    dense = layers.find_dense(params)
+    slots = layers.find_layers(params)
     nodes, _ = layers.flatten(params)
     tags = tuple(
         (
-            jnp.zeros((m + 1, m + 1), factor_dtype(nodes[i]["w"])),
-            jnp.zeros((n, n), factor_dtype(nodes[i]["w"])),
+            jnp.zeros((s.m + 1, s.m + 1), factor_dtype(nodes[s.position]["w"])),
+            jnp.zeros((s.n, s.n), factor_dtype(nodes[s.position]["w"])),
         )
-        for i, m, n, _ in dense
+        for s in slots
     )
     record = layers.Record()
 
     def model(tags, p):
-        return apply_fn(layers.instrument(p, tags, record), inputs)
+        return apply_fn(layers.instrument(p, tags, record, weight_sharing), inputs)
 
     outputs, vjp_fn = jax.vjp(model, tags, params)  # traces the model: `record` is now filled
-    registered = tuple(slot in record.used for slot in range(len(dense)))
+    registered = tuple(slot in record.used for slot in range(len(slots)))
     loss.validate(outputs, targets)
     batch_size = outputs.shape[0]
 
@@ -173,25 +198,24 @@ def statistics(
         signs = jax.random.rademacher(k_signs, cts.shape[:2], cts.dtype)
         cts = cts * signs.reshape(*signs.shape, *(1,) * (cts.ndim - 2))
         tag_cts, param_cts = jax.vmap(vjp_fn)(cts)
-        a_sums = [a[0] for a, _ in tag_cts]  # Σ ā āᵀ does not depend on the cotangent
-        g_sums = [jnp.sum(g, axis=0) for _, g in tag_cts]
+        a_sums = [t[0][0] for t in tag_cts]  # Σ ā āᵀ does not depend on the cotangent
+        g_sums = [jnp.sum(t[1], axis=0) for t in tag_cts]
         square = lambda c: jnp.sum(jnp.square(c), axis=0)  # noqa: E731
     else:
         tag_cts, param_cts = vjp_fn(cts[0])
-        a_sums = [a for a, _ in tag_cts]
-        g_sums = [g for _, g in tag_cts]
+        a_sums = [t[0] for t in tag_cts]
+        g_sums = [t[1] for t in tag_cts]
         square = jnp.square
 
     a, g = [], []
-    for (_, m, _, has_bias), a_sum, g_sum, used in zip(
-        dense, a_sums, g_sums, registered, strict=True
-    ):
+    for s, a_sum, g_sum, used in zip(slots, a_sums, g_sums, registered, strict=True):
         rows = a_sum[-1, -1]  # Σ 1·1: the number of rows the layer saw
-        a_l = a_sum / jnp.maximum(rows, 1) if has_bias else a_sum[:m, :m] / jnp.maximum(rows, 1)
+        a_l = a_sum if s.has_bias else a_sum[: s.m, : s.m]
+        a_l = a_l / jnp.maximum(rows, 1)
         a.append(a_l if used else jnp.zeros_like(a_l))
         g.append(g_sum / batch_size if used else jnp.zeros_like(g_sum))
 
-    covered = {i for (i, *_), used in zip(dense, registered, strict=True) if used}
+    covered = {s.position for s, used in zip(slots, registered, strict=True) if used}
     # Vmapped cotangents carry a leading K axis.
     first = (lambda c: c[0]) if many else (lambda c: c)  # noqa: E731
     ct_nodes, treedef = layers.flatten(param_cts)
@@ -226,6 +250,7 @@ def update(
         factors=factors,
         inverses=inverses,
         registered_layers=jnp.asarray(sum(registered), jnp.int32),
+        registered_by_kind=count_by_kind(layers.find_layers(state.factors.diag), registered),
         inverse_damping=_refreshed_damping(state, damping, refresh),
     )
 
@@ -296,16 +321,21 @@ def _blockwise(vec, diag, damping, registered, kron: Callable, scale: Callable) 
     elsewhere, d the diagonal block."""
     nodes, treedef = layers.flatten(vec)
     diag_nodes, _ = layers.flatten(diag)
-    dense = {i: (slot, m, hb) for slot, (i, m, _, hb) in enumerate(layers.find_dense(vec))}
+    found = {s.position: (slot, s) for slot, s in enumerate(layers.find_layers(vec))}
     lam = jnp.asarray(damping)
     out = []
     for i, (node, d) in enumerate(zip(nodes, diag_nodes, strict=True)):
-        if i in dense and registered[dense[i][0]]:
-            slot, m, has_bias = dense[i]
+        if i in found and registered[found[i][0]]:
+            slot, s = found[i]
             w = node["w"]
-            v = jnp.concatenate([w, node["b"][None]], axis=0) if has_bias else w
+            v = w.reshape(s.m, s.n)
+            v = jnp.concatenate([v, node["b"][None]], axis=0) if s.has_bias else v
             u = kron(slot, v)
-            new = {"w": u[:m], "b": u[m]} if has_bias else {"w": u}
+            new = (
+                {"w": u[: s.m].reshape(w.shape), "b": u[s.m]}
+                if s.has_bias
+                else {"w": u.reshape(w.shape)}
+            )
             leaves = [new[k].astype(w.dtype) for k in sorted(node)]
             out.append(tree_util.tree_unflatten(tree_util.tree_structure(node), leaves))
         else:

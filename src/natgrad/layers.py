@@ -1,28 +1,33 @@
 r"""Layers the model declares, so K-FAC can see them without tracing the graph.
 
-``dense(params, x)`` is a dense layer, y = x W + b, with ``params = {"w": W (m, n), "b": b (n,)}``
-("b" optional). Called on ordinary params it is plain JAX: the same two operations a hand-written
-``x @ params["w"] + params["b"]`` performs, so swapping it in changes no result.
+* ``dense(params, x)``: y = x W + b, ``params = {"w": W (d_in, d_out), "b": b (d_out,)}``, on
+  x of shape (batch, …, d_in) — the middle axes (tokens, pixels, heads) share W.
+* ``conv2d(params, x, *, strides=(1, 1), padding="SAME")``: a 2-D convolution on NHWC images,
+  ``params = {"w": (kh, kw, c_in, c_out), "b": (c_out,)}`` (flax's HWIO kernel layout).
 
-How K-FAC instruments it (`natgrad.kronecker`): it calls the model with params in which every
-dict that looks like a dense layer (a Mapping with a 2-D "w" and optionally a matching 1-D "b",
-nothing else) is replaced by a `DenseProbe`. A probe is a Mapping with the same entries, so code
-that indexes it directly still works; it also carries two zero *tags*, A-tag of shape
-(m+1, m+1) and G-tag of shape (n, n). When ``dense`` receives a probe it wraps its input and
-output in identity functions with a custom VJP ("taps"):
+"b" is optional in both. Called on ordinary params they are plain JAX (``x @ w + b``; flax
+``nn.Conv``'s `lax.conv_general_dilated`), so swapping them in changes no result.
 
-    forward:   y = tap_out(tap_in(x) W + b),   both taps the identity;
-    backward:  cotangent of the A-tag = Σ_rows ā āᵀ,   ā = [a, 1] (homogeneous coordinate);
-               cotangent of the G-tag = Σ_rows g gᵀ,   g = ∂L/∂y (the pre-activation gradient).
+How K-FAC instruments them (`natgrad.kronecker`): it calls the model with params in which every
+dict that looks like a layer of a known kind (`natgrad.blocks`: a Mapping with a 2-D "w" for
+dense, a 4-D "w" for conv2d, optionally a matching 1-D "b", nothing else) is replaced by a
+`LayerProbe`. A probe is a Mapping with the same entries, so code that indexes it directly still
+works; it also carries zero *tags*, an A-tag of shape (m+1, m+1) (m = the rows of W reshaped to
+2-D: d_in, or kh·kw·c_in) and a G-tag of shape (n, n), and the weight-sharing approximation.
+When ``dense`` or ``conv2d`` receives a probe it computes the layer through one custom VJP
+(`natgrad.blocks.tap`) whose backward pass also returns, as the tags' cotangents,
 
-So one VJP of the model, with respect to the tags, returns both Kronecker factors' sums of every
-registered layer, whatever the leading dimensions of x (rows = all but the last axis). The tags
-have fixed shapes known from W alone, so nothing needs discovering first.
+    Σ ā āᵀ  over the layer's positions, ā = [a, 1] (a homogeneous coordinate for the bias),
+    Σ g gᵀ  over its output gradients g = ∂L/∂y,
+
+expanded or reduced over shared positions (`natgrad.blocks.sharing`). So one VJP of the model,
+with respect to the tags, returns both Kronecker factors' sums of every registered layer. The
+tags have fixed shapes known from W alone, so nothing needs discovering first.
 
 Which probes were consumed is noted on the probe's `Record` while the model is traced (a Python
-set owned by the one K-FAC call that made the probes; no global state). A dense-looking dict the
-model used without ``dense`` is therefore known, at trace time, to be unregistered, and K-FAC
-falls back to a diagonal block for it.
+set owned by the one K-FAC call that made the probes; no global state). A layer-looking dict
+the model used without ``dense``/``conv2d`` is therefore known, at trace time, to be
+unregistered, and K-FAC falls back to a diagonal block for it.
 
 flax: a module passes its own parameter collection, which is where the probe arrives::
 
@@ -39,79 +44,138 @@ flax: a module passes its own parameter collection, which is where the probe arr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import tree_util
 
+from natgrad import blocks
+from natgrad.blocks import conv2d as conv2d_kind
+from natgrad.blocks import dense as dense_kind
+from natgrad.blocks import sharing, tap
+
 __all__ = [
     "dense",
+    "conv2d",
+    "LayerProbe",
     "DenseProbe",
     "Record",
+    "Slot",
+    "is_layer_params",
     "is_dense_params",
+    "find_layers",
     "find_dense",
     "flatten",
     "instrument",
 ]
 
 PyTree = Any
-_KEYS = frozenset({"w", "b"})
 
 
 def dense(params: Mapping, x: jax.Array) -> jax.Array:
-    """y = x @ params["w"] + params["b"] (the bias is optional); K-FAC's registered dense layer."""
-    w = params["w"]
-    b = params.get("b")
-    if isinstance(params, DenseProbe):
-        params.record.used.add(params.slot)
-        y = _tap_inputs(x, params.a_tag) @ w
-        y = y if b is None else y + b
-        return _tap_outputs(y, params.g_tag)
-    y = x @ w
-    return y if b is None else y + b
+    """y = x @ params["w"] + params["b"] (the bias is optional) on x of shape (batch, …, d_in);
+    K-FAC's registered dense layer."""
+    if isinstance(params, LayerProbe):
+        return params.call(dense_kind.NAME, x, ())
+    dense_kind.check(params, x)
+    return dense_kind.apply(params, x)
+
+
+def conv2d(params: Mapping, x: jax.Array, *, strides=(1, 1), padding="SAME") -> jax.Array:
+    """2-D convolution of NHWC `x` with HWIO ``params["w"]`` plus ``params["b"]`` (optional),
+    feature groups 1; `padding` is "SAME", "VALID" or ((top, bottom), (left, right)). The same
+    as flax ``nn.Conv(strides=..., padding=...)``; K-FAC's registered convolution (KFC)."""
+    options = conv2d_kind.options(strides, padding)
+    if isinstance(params, LayerProbe):
+        return params.call(conv2d_kind.NAME, x, options)
+    conv2d_kind.check(params, x)
+    return conv2d_kind.apply(params, x, options)
+
+
+def is_layer_params(node: Any) -> bool:
+    """Whether `node` looks like the params of a layer kind K-FAC knows (`natgrad.blocks`)."""
+    return blocks.kind_of(node) is not None
 
 
 def is_dense_params(node: Any) -> bool:
     """Whether `node` looks like a dense layer's params: {"w": (m, n)} or {"w", "b": (n,)}."""
-    if not isinstance(node, Mapping) or "w" not in node or not set(node) <= _KEYS:
-        return False
-    w, b = node["w"], node.get("b")
-    if jnp.ndim(w) != 2:
-        return False
-    return b is None or jnp.shape(b) == (jnp.shape(w)[1],)
+    return dense_kind.looks_like(node)
+
+
+class Slot(NamedTuple):
+    """A layer-looking dict: its position in `flatten` order, kind, W as an (m, n) matrix, and
+    whether it has a bias (static, from the params' shapes alone)."""
+
+    position: int
+    kind: str
+    m: int
+    n: int
+    has_bias: bool
+
+
+def find_layers(params: PyTree) -> tuple[Slot, ...]:
+    """A `Slot` for each layer-looking dict, in `flatten` order (static)."""
+    nodes, _ = flatten(params)
+    slots = []
+    for i, node in enumerate(nodes):
+        kind = blocks.kind_of(node)
+        if kind is not None:
+            shape = jnp.shape(node["w"])
+            m = 1
+            for d in shape[:-1]:
+                m *= int(d)
+            slots.append(Slot(i, kind, m, int(shape[-1]), "b" in node))
+    return tuple(slots)
 
 
 def find_dense(params: PyTree) -> tuple[tuple[int, int, int, bool], ...]:
     """(position, m, n, has_bias) of each dense-looking dict, in `flatten` order (static)."""
-    nodes, _ = flatten(params)
     return tuple(
-        (i, *jnp.shape(node["w"]), "b" in node)
-        for i, node in enumerate(nodes)
-        if is_dense_params(node)
+        (s.position, s.m, s.n, s.has_bias) for s in find_layers(params) if s.kind == "dense"
     )
 
 
 def flatten(tree: PyTree):
-    """`jax.tree_util.tree_flatten` that stops at dense-looking dicts (they become one node)."""
-    return tree_util.tree_flatten(tree, is_leaf=is_dense_params)
+    """`jax.tree_util.tree_flatten` that stops at layer-looking dicts (they become one node)."""
+    return tree_util.tree_flatten(tree, is_leaf=is_layer_params)
 
 
 class Record:
-    """The probe slots `dense` consumed while one model call was traced (written at trace time)."""
+    """The probe slots the layers consumed while one model call was traced (written at trace
+    time)."""
 
     def __init__(self):
         self.used: set[int] = set()
 
 
 @tree_util.register_pytree_node_class
-class DenseProbe(Mapping):
-    """A dense layer's params plus K-FAC's tags; `dense` taps the layer when it receives one."""
+class LayerProbe(Mapping):
+    """A layer's params plus K-FAC's tags (A-tag, G-tag, …); `dense` and `conv2d` tap the layer
+    when they receive one."""
 
-    def __init__(self, layer: Mapping, a_tag, g_tag, record: Record, slot: int):
+    def __init__(
+        self, layer: Mapping, tags, record: Record, slot: int, weight_sharing: str = "expand"
+    ):
         self.layer = dict(layer)
-        self.a_tag, self.g_tag = a_tag, g_tag
+        self.tags = tuple(tags)
         self.record, self.slot = record, slot
+        self.weight_sharing = weight_sharing
+
+    @property
+    def a_tag(self):
+        return self.tags[0]
+
+    @property
+    def g_tag(self):
+        return self.tags[1]
+
+    def call(self, kind: str, x: jax.Array, options: tuple) -> jax.Array:
+        """The layer of `kind` on `x`, through the tap (and noted as used)."""
+        blocks.module(kind).check(self.layer, x)
+        self.record.used.add(self.slot)
+        spec = blocks.Spec(kind, self.weight_sharing, options)
+        return tap.tapped(spec)(self.layer, x, self.tags)
 
     def __getitem__(self, key):
         return self.layer[key]
@@ -124,62 +188,27 @@ class DenseProbe(Mapping):
 
     def tree_flatten(self):
         keys = tuple(sorted(self.layer))
-        children = (tuple(self.layer[k] for k in keys), self.a_tag, self.g_tag)
-        return children, (keys, self.record, self.slot)
+        children = (tuple(self.layer[k] for k in keys), self.tags)
+        return children, (keys, self.record, self.slot, self.weight_sharing)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        keys, record, slot = aux
-        values, a_tag, g_tag = children
-        return cls(dict(zip(keys, values, strict=True)), a_tag, g_tag, record, slot)
+        keys, record, slot, weight_sharing = aux
+        values, tags = children
+        return cls(dict(zip(keys, values, strict=True)), tags, record, slot, weight_sharing)
 
 
-def instrument(params: PyTree, tags, record: Record) -> PyTree:
-    """`params` with the dense-looking dicts replaced by probes carrying `tags` (one (A-tag,
-    G-tag) pair per dict, in `find_dense` order) that note their use in `record`."""
+DenseProbe = LayerProbe  # the name before convolutions had blocks
+
+
+def instrument(params: PyTree, tags, record: Record, weight_sharing: str = "expand") -> PyTree:
+    """`params` with the layer-looking dicts replaced by probes carrying `tags` (one tuple
+    (A-tag, G-tag, …) per dict, in `find_layers` order) that note their use in `record`."""
+    weight_sharing = sharing.check(weight_sharing)
     nodes, treedef = flatten(params)
     slot = 0
     for i, node in enumerate(nodes):
-        if is_dense_params(node):
-            nodes[i] = DenseProbe(node, *tags[slot], record, slot)
+        if is_layer_params(node):
+            nodes[i] = LayerProbe(node, tags[slot], record, slot, weight_sharing)
             slot += 1
     return tree_util.tree_unflatten(treedef, nodes)
-
-
-# Taps: identities whose VJP also returns the Kronecker factors' sums as the tags' cotangents.
-
-
-@jax.custom_vjp
-def _tap_inputs(x, tag):
-    return x
-
-
-def _tap_inputs_fwd(x, tag):
-    return x, (x, jnp.zeros((), tag.dtype))
-
-
-def _tap_inputs_bwd(res, ct):
-    x, tag = res
-    a = x.reshape(-1, x.shape[-1]).astype(tag.dtype)
-    a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-    return ct, (a.T @ a).astype(tag.dtype)
-
-
-_tap_inputs.defvjp(_tap_inputs_fwd, _tap_inputs_bwd)
-
-
-@jax.custom_vjp
-def _tap_outputs(y, tag):
-    return y
-
-
-def _tap_outputs_fwd(y, tag):
-    return y, jnp.zeros((), tag.dtype)
-
-
-def _tap_outputs_bwd(tag, ct):
-    g = ct.reshape(-1, ct.shape[-1]).astype(tag.dtype)
-    return ct, (g.T @ g).astype(tag.dtype)
-
-
-_tap_outputs.defvjp(_tap_outputs_fwd, _tap_outputs_bwd)

@@ -30,7 +30,8 @@ as M = (max(d, 0) + λ)^α, α = 1 by default (Jacobi):
   averaged over steps.
 
 ``kfac`` is K-FAC's block-diagonal inverse (`natgrad.kronecker`): Kronecker blocks for the
-dense layers declared with `natgrad.layers.dense`, a diagonal block for the rest.
+layers declared with `natgrad.layers.dense` / `natgrad.layers.conv2d`, a diagonal block for the
+rest.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 
 from natgrad import _tree, kronecker, operators
 from natgrad import curvature as curvature_lib
+from natgrad.blocks import sharing
 
 __all__ = [
     "Preconditioner",
@@ -248,9 +250,10 @@ def kfac_curvature(curvature, fisher_type) -> curvature_lib.Curvature:
 def _warn_unregistered() -> None:
     # At trace time, so once per compilation (and Python shows a warning once per place).
     warnings.warn(
-        "natgrad K-FAC: the model declared no layer with natgrad.layers.dense, so every "
-        "parameter gets a diagonal block (a diagonal preconditioner, not K-FAC); compute dense "
-        "layers with natgrad.layers.dense(params, x) to get Kronecker blocks "
+        "natgrad K-FAC: the model declared no layer with natgrad.layers.dense or conv2d, so "
+        "every parameter gets a diagonal block (a diagonal preconditioner, not K-FAC); compute "
+        "dense layers with natgrad.layers.dense(params, x) and convolutions with "
+        "natgrad.layers.conv2d(params, x) to get Kronecker blocks "
         "(state.preconditioner_state.registered_layers counts them)",
         UserWarning,
         stacklevel=2,
@@ -264,6 +267,7 @@ def kfac(
     inverse_every: int = 50,
     statistics_every: int = 5,
     fisher_type: str | None = None,
+    weight_sharing: str = "expand",
 ) -> Preconditioner:
     """K-FAC's block-diagonal approximation of C + λI, inverted (see `natgrad.kronecker`).
 
@@ -276,8 +280,20 @@ def kfac(
     chooses the cotangents of the statistics' backward pass (default ``"fisher_mc"``: targets
     sampled from the model, the true Fisher); `update` needs ``key=`` unless
     ``curvature="empirical_fisher"``. (`fisher_type` is the deprecated name of the same choice.)
+
+    `weight_sharing` is how layers whose weights act at several positions per example (dense
+    layers over sequence/spatial axes, convolutions) get their factors (Eschenhagen et al.,
+    NeurIPS 2023; `natgrad.blocks.sharing`): ``"expand"`` (default) treats every position as an
+    example — exact when the loss is a sum over positions (per-token language modelling,
+    per-pixel losses), and for convolutions the KFC factors of Grosse & Martens (2016) that
+    kfac-jax also uses; ``"reduce"`` pools the positions first — exact when they are pooled
+    before the loss (a classifier's global average pool), and cheaper (B rows instead of B·S).
+    Layers on plain vectors get the same factors either way. The default is expand because it
+    is the established K-FAC for convolutions and sequence models, and it stays exact for any
+    per-position loss, while reduce is the opt-in saving for pooled architectures.
     """
     kind = kfac_curvature(curvature, fisher_type)
+    weight_sharing = sharing.check(weight_sharing)
     ema_decay, inverse_every, statistics_every = kronecker.check_options(
         ema_decay, inverse_every, statistics_every
     )
@@ -290,7 +306,13 @@ def kfac(
 
         def with_statistics():
             stats, registered, outputs = kronecker.statistics(
-                apply_fn, loss, params, batch, key=key, curvature=kind
+                apply_fn,
+                loss,
+                params,
+                batch,
+                key=key,
+                curvature=kind,
+                weight_sharing=weight_sharing,
             )
             seen["registered"] = registered
             seen["loss"] = loss.mean(outputs, batch[1])

@@ -1,9 +1,9 @@
 r"""K-FAC as an optax transformation (Martens & Grosse, 2015).
 
 The pipeline of `natgrad.optimizers` whose direction is a factored inverse instead of a solve.
-The curvature is block diagonal: a Kronecker product A ⊗ G for each dense layer the model
-declares with `natgrad.layers.dense`, a diagonal block for every other parameter
-(`natgrad.kronecker` has the maths). One step, given the gradient g:
+The curvature is block diagonal: a Kronecker product A ⊗ G for each layer the model declares
+with `natgrad.layers.dense` or `natgrad.layers.conv2d`, a diagonal block for every other
+parameter (`natgrad.kronecker` has the maths). One step, given the gradient g:
 
 1. Curvature (the preconditioner `natgrad.preconditioners.kfac`): one forward and backward pass
    of the instrumented model on the batch, with targets sampled from the model
@@ -21,7 +21,8 @@ declares with `natgrad.layers.dense`, a diagonal block for every other parameter
    and the averages, inverses and momentum stay as they were (`rejected_steps` counts it).
 
 `state.preconditioner_state` is the `natgrad.kronecker.KroneckerState`; its `registered_layers`
-counts the dense layers the model passed through `natgrad.layers.dense` (the rest of the
+counts the layers the model passed through `natgrad.layers.dense` / `conv2d` and
+`registered_by_kind` the same per kind, ``{"dense": ..., "conv2d": ...}`` (the rest of the
 parameters use diagonal blocks).
 """
 
@@ -33,6 +34,7 @@ import optax
 
 from natgrad import curvature as curvature_lib
 from natgrad import preconditioners, step_rules
+from natgrad.blocks import sharing
 from natgrad.damping import DampingRule, as_rule
 from natgrad.optimizers import _checks, _directions, _pipeline, defaults
 
@@ -55,6 +57,7 @@ def kfac(
     statistics_every: int = defaults.KFAC_STATISTICS_EVERY,
     fisher_type: str | None = None,
     reject_rises: bool = defaults.KFAC_REJECT_RISES,
+    weight_sharing: str = "expand",
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: updates = −α F̂⁻¹ g, F̂ Kronecker-factored per dense layer, α from a KL trust region.
 
@@ -81,6 +84,12 @@ def kfac(
         (natural_gradient's and hessian_free's already compute f(θ + p) for ρ), and one costs
         2 % (784-128-10 / batch 128) to 15 % (784-512-512-10 / batch 1024) of its step; turn it
         on with an unusual damping (e.g. λ = 1e-12, where K-FAC's KL bound is no bound).
+      weight_sharing: ``"expand"`` (default) or ``"reduce"``, the Kronecker factors of layers
+        whose weights act at several positions per example (sequence and spatial axes,
+        convolutions; Eschenhagen et al. 2023). Expand is exact for a loss summed over
+        positions (per-token language modelling, per-pixel losses) and is KFC for
+        convolutions; reduce is exact when positions are pooled before the loss and cheaper.
+        See `natgrad.preconditioners.kfac`.
 
     The update needs ``batch=(inputs, targets)`` and, unless ``curvature="empirical_fisher"``,
     ``key=``; it accepts ``eval_batch=`` for the damping rule's trial loss.
@@ -98,12 +107,14 @@ def kfac(
         params = optax.apply_updates(params, updates)
     """
     kind = preconditioners.kfac_curvature(curvature, fisher_type)
+    weight_sharing = sharing.check(weight_sharing)
     if preconditioner is None:
         preconditioner = preconditioners.kfac(
             curvature=kind,
             ema_decay=ema_decay,
             inverse_every=inverse_every,
             statistics_every=statistics_every,
+            weight_sharing=weight_sharing,
         )
     if not isinstance(damping, DampingRule):
         # λ = 0 would leave singular factors (e.g. constant input pixels) uninvertible.

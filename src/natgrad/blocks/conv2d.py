@@ -1,0 +1,103 @@
+r"""2-D convolutions, NHWC inputs, HWIO kernels (flax's layout), feature groups = 1.
+
+Parameters: ``{"w": W (kh, kw, c_in, c_out), "b": b (c_out,)}`` ("b" optional). On ordinary
+params the layer is `lax.conv_general_dilated` with dimension numbers (NHWC, HWIO, NHWC) plus
+the bias, exactly what flax's ``nn.Conv`` computes.
+
+A convolution is a dense layer applied at every output pixel t to the image patch a_t that
+pixel sees (Grosse & Martens 2016, "KFC"):
+
+    y[b, t] = W̄ᵀ [a_bt, 1],   a_bt = x[b, patch(t)] flattened in (kh, kw, c_in) order,
+    W̄ = [W.reshape(kh·kw·c_in, c_out); b],
+
+so its positions are the Ho·Wo output pixels, the rows of A the patches (zero-padded at the
+border as the convolution pads), and g_bt = ∂L/∂y[b, t] the output-gradient map.
+`lax.conv_general_dilated_patches` orders a patch's features c_in-major
+((c_in, kh, kw)); the patches are transposed to W's (kh, kw, c_in) row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["NAME", "looks_like", "options", "check", "apply", "positions"]
+
+NAME = "conv2d"
+_KEYS = frozenset({"w", "b"})
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def looks_like(node: Any) -> bool:
+    """{"w": (kh, kw, c_in, c_out)} or with "b": (c_out,), nothing else."""
+    if not isinstance(node, Mapping) or "w" not in node or not set(node) <= _KEYS:
+        return False
+    w, b = node["w"], node.get("b")
+    if jnp.ndim(w) != 4:
+        return False
+    return b is None or jnp.shape(b) == (jnp.shape(w)[3],)
+
+
+def options(strides, padding) -> tuple:
+    """(strides, padding) validated and made hashable: ((sh, sw), "SAME" | "VALID" | pairs)."""
+    ok = isinstance(strides, Sequence) and len(strides) == 2
+    if not ok or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in strides
+    ):
+        raise ValueError(f"strides: expected two integers >= 1, got {strides!r}")
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(
+                f"padding: expected 'SAME', 'VALID' or two (lo, hi) pairs, got {padding!r}"
+            )
+        return tuple(strides), padding
+    try:
+        pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+        ok = len(pairs) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for pair in padding
+            for v in pair
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"padding: expected 'SAME', 'VALID' or two (lo, hi) pairs, got {padding!r}"
+        )
+    return tuple(strides), pairs
+
+
+def check(layer: Mapping, x) -> None:
+    """ValueError naming `params` or `x` when they do not make a convolution."""
+    if not looks_like(layer):
+        raise ValueError(
+            "params: expected {'w': (kh, kw, c_in, c_out)} with an optional 'b': (c_out,), got "
+            f"{ {k: jnp.shape(v) for k, v in layer.items()} }"
+        )
+    c_in = jnp.shape(layer["w"])[2]
+    if jnp.ndim(x) != 4 or jnp.shape(x)[-1] != c_in:
+        raise ValueError(
+            f"x: expected NHWC images of shape (batch, h, w, {c_in}), got {jnp.shape(x)}"
+        )
+
+
+def apply(layer: Mapping, x: jax.Array, options: tuple) -> jax.Array:
+    strides, padding = options
+    y = lax.conv_general_dilated(x, layer["w"], strides, padding, dimension_numbers=_DIMENSIONS)
+    return y if layer.get("b") is None else y + layer["b"]
+
+
+def positions(layer: Mapping, x: jax.Array, ct: jax.Array, options: tuple):
+    """The patches a (B, Ho·Wo, kh·kw·c_in) in W's row order and g = ct (B, Ho·Wo, c_out)."""
+    strides, padding = options
+    kh, kw, c_in, _ = jnp.shape(layer["w"])
+    patches = lax.conv_general_dilated_patches(
+        x, (kh, kw), strides, padding, dimension_numbers=_DIMENSIONS
+    )
+    b = patches.shape[0]
+    a = patches.reshape(b, -1, c_in, kh * kw).swapaxes(-1, -2).reshape(b, -1, kh * kw * c_in)
+    return a, ct.reshape(b, -1, ct.shape[-1])

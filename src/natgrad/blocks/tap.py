@@ -1,0 +1,56 @@
+r"""One custom VJP per declared layer call: the layer, plus K-FAC's factor sums in its backward.
+
+    forward:   y = layer(W̄, x)                      (the kind's plain JAX);
+    backward:  (∂W̄, ∂x) = the layer's own VJP of the output cotangent ct, and for the tags
+               (A-tag, G-tag, …) the cotangents (Σ ā āᵀ, Σ g gᵀ, 0, …) of
+               `natgrad.blocks.sharing.factor_sums` over the kind's positions of (x, ct).
+
+The tags are zero arrays the caller differentiates with respect to: one VJP of the whole
+instrumented model returns every declared layer's factor sums next to the ordinary parameter
+gradient. Both the input x and the cotangent are at hand in one place, so a block that needs
+them jointly (per-example gradients projected on an eigenbasis, for EKFAC) is computed here too;
+tags after the first two get zero cotangents until a kind defines them.
+
+Under `jax.vmap` (an equinox model's per-example call, or K-FAC's columns of the output
+curvature) JAX vmaps this backward pass: the sums of each mapped call are added up by the
+transpose of the broadcast of the unmapped tags, which is the sum over the batch we want.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from natgrad.blocks import KINDS, Spec, sharing
+
+__all__ = ["tapped"]
+
+
+@functools.cache
+def tapped(spec: Spec):
+    """`call(layer, x, tags) -> y` for this kind and weight sharing (cached per static spec)."""
+    kind = KINDS[spec.kind]
+
+    def plain(layer, x):
+        return kind.apply(layer, x, spec.options)
+
+    @jax.custom_vjp
+    def call(layer: Mapping, x: jax.Array, tags: tuple) -> jax.Array:
+        return plain(layer, x)
+
+    def fwd(layer, x, tags):
+        return plain(layer, x), (layer, x, tags)
+
+    def bwd(res, ct):
+        layer, x, tags = res
+        _, vjp_fn = jax.vjp(plain, layer, x)
+        d_layer, dx = vjp_fn(ct)
+        a, g = kind.positions(layer, x, ct, spec.options)
+        sums = sharing.factor_sums(a, g, spec.weight_sharing, tags[0].dtype)
+        return d_layer, dx, (*sums, *(jnp.zeros_like(t) for t in tags[2:]))
+
+    call.defvjp(fwd, bwd)
+    return call
