@@ -6,6 +6,9 @@ grids (``time_to_target.json``), then a summary of ``curvature.json``, ``steps.j
 ``kfac.json``, ``sharding.json`` and any other ``*.json``; plus PNG plots of the time-to-target
 curves against time and against steps. `benchmarks.time_to_target` calls `write` at its end;
 run this module again after the last benchmark so that every JSON is summarised.
+
+`write_lineup` writes the 2026 lineup's ``REPORT-peers[-quick].md`` (`benchmarks.peers`): per
+workload a table, curves and a verdict; the batch-scaling plot.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["write", "markdown", "plot_task", "main"]
+__all__ = ["write", "markdown", "plot_curves", "plot_task", "write_lineup", "verdict", "main"]
 
 REPORT_NAME = "REPORT.md"
 KNOWN = ("time_to_target", "curvature", "steps", "kfac", "sharding")
@@ -353,36 +356,26 @@ def _representative(task: dict, name: str, higher_is_better: bool) -> dict:
     return max(mine, key=best)
 
 
-def plot_task(task: dict, path: str, title: str, *, higher_is_better: bool) -> str:
-    """Metric vs training seconds and vs steps (log scales), one line per optimiser (the run
-    `_representative` picks); the targets dashed."""
+def plot_curves(series, targets, path: str, title: str, ylabel: str, *, log_y: bool) -> str:
+    """Metric vs training seconds (left) and vs steps (right), log x scales, one line per
+    ``(label, curve, line style)`` of `series`; the `targets` dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(r["optimizer"] for r in task["runs"]):
-        run = _representative(task, name, higher_is_better)
-        c = run["curve"]
+    for label, c, style in series:
         points = zip(c["step"], c["seconds"], c["metric"], strict=True)
         points = [p for p in points if p[0] > 0 and p[2] is not None]
-        if not points:
-            continue
-        steps, secs, metric = zip(*points, strict=True)
-        label = f"{name} ({run['config']})"
-        axes[0].plot(secs, metric, marker=".", label=label)
-        axes[1].plot(steps, metric, marker=".", label=label)
-    summaries = task["summary"] if isinstance(task["summary"], list) else [task["summary"]]
+        if points:
+            steps, secs, metric = zip(*points, strict=True)
+            axes[0].plot(secs, metric, style, marker=".", label=label)
+            axes[1].plot(steps, metric, style, marker=".", label=label)
     for ax, xlabel in zip(axes, ("training seconds", "steps"), strict=True):
-        for s in summaries:
-            if s["target"] is not None:
-                ax.axhline(s["target"], color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xscale("log")
-        if not higher_is_better:
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(task["metric"].replace("_", " "))
+        for t in targets:
+            ax.axhline(t, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(xscale="log", yscale="log" if log_y else "linear", xlabel=xlabel, ylabel=ylabel)
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(title)
@@ -390,6 +383,18 @@ def plot_task(task: dict, path: str, title: str, *, higher_is_better: bool) -> s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_task(task: dict, path: str, title: str, *, higher_is_better: bool) -> str:
+    """A time-to-target task's curves: per optimiser the run `_representative` picks."""
+    series = []
+    for name in dict.fromkeys(r["optimizer"] for r in task["runs"]):
+        run = _representative(task, name, higher_is_better)
+        series.append((f"{name} ({run['config']})", run["curve"], "-"))
+    summaries = task["summary"] if isinstance(task["summary"], list) else [task["summary"]]
+    targets = [s["target"] for s in summaries if s["target"] is not None]
+    ylabel = task["metric"].replace("_", " ")
+    return plot_curves(series, targets, path, title, ylabel, log_y=not higher_is_better)
 
 
 def _plots(payload: dict, out_dir: str) -> dict[str, str]:
@@ -468,6 +473,152 @@ def write(out_dir: str) -> list[str]:
     with open(path, "w") as f:
         f.write(markdown(payloads, out_dir, plots))
     return [path] + [os.path.join(out_dir, p) for p in plots.values()]
+
+
+# --------------------------------------------------------------------------------------------
+# The 2026 lineup (benchmarks.peers): REPORT-peers[-quick].md
+#
+# The verdict of a workload takes its highest target reached (median over seeds) by any
+# optimiser and names the fastest in wall time and in steps, the best peer and the best natgrad
+# optimiser, and the ratio natgrad ÷ best peer (< 1: natgrad is faster).
+
+
+def _spread(cell: dict | None, digits: int = 2) -> str:
+    """A median over seeds with its [min, max], or an em dash when not reached."""
+    if not cell or cell["median"] is None:
+        return "—"
+    (lo, hi), text = cell["spread"], f"{cell['median']:.{digits}f}"
+    return text if lo == hi else f"{text} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _best(rows: dict, field: str, natgrad: bool | None):
+    """(keys, value) of the smallest median `field` among ok rows (natgrad only / peers only);
+    tied keys joined by " = "."""
+    pick = [
+        (r["summary"][field]["median"], key)
+        for key, r in rows.items()
+        if r["status"] == "ok"
+        and r["summary"][field]["median"] is not None
+        and (natgrad is None or key.startswith("natgrad") == natgrad)
+    ]
+    if not pick:
+        return None, None
+    value = min(pick)[0]
+    return " = ".join(k for v, k in pick if v == value), value
+
+
+def verdict(name: str, wl: dict) -> str:
+    rows, unit = wl["optimizers"], {"seconds": "s", "steps": "steps"}
+    label = {"seconds": "wall time", "steps": "steps"}
+    for t in reversed(wl["targets"]):
+        if _best(rows, f"seconds_to_target:{t}", None)[0] is not None:
+            break
+    else:
+        return f"**{name}**: no optimiser reached {wl['targets'][0]} within the budget."
+    steps = "steps are read at evaluations 1.25× apart, so close step counts are ties"
+    parts = [f"**{name}** (target {t}):"]
+    for kind in ("seconds", "steps"):
+        field = f"{kind}_to_target:{t}"
+        win, wv = _best(rows, field, None)
+        peer, pv = _best(rows, field, False)
+        ours, ov = _best(rows, field, True)
+        text = f"In {label[kind]} {win} {'tie' if ' = ' in win else 'wins'} ({wv:.4g} {unit[kind]})"
+        if ours is None:
+            text += f"; best peer {peer}; no natgrad optimiser reaches {t}"
+        elif peer is None:
+            text += f"; best natgrad {ours}; no peer reaches {t}"
+        else:
+            ahead = "tie" if ov == pv else ("natgrad" if ov < pv else peer) + " ahead"
+            text += (
+                f"; best peer {peer} {pv:.4g}, best natgrad {ours} {ov:.4g}: natgrad ÷ peer "
+                f"= {ov / pv:.2f}× ({ahead})"
+            )
+        parts.append(text + ".")
+    return " ".join(parts) + f" ({steps})."
+
+
+_COLUMNS = (("seconds", 2), ("steps", 0))
+
+
+def _lineup_table(wl: dict) -> list[str]:
+    t1, t2 = wl["targets"][0], wl["targets"][-1]
+    rows = []
+    for key, r in wl["optimizers"].items():
+        s, runs = r.get("summary", {}), r.get("runs", [])
+        if r["status"] != "ok":
+            rows.append([key, r["status"]] + [""] * 9)
+            continue
+        rows.append(
+            [key, "ok", ", ".join(f"{k}={v:g}" for k, v in r["chosen"].items())]
+            + [_spread(s[f"{f}_to_target:{t}"], d) for t in (t1, t2) for f, d in _COLUMNS]
+            + ["—" if s["final_metric"] is None else f"{s['final_metric']:.4g}"]
+            + ["—" if not s["step_seconds"] else f"{1e3 * s['step_seconds']:.1f}"]
+            + [f"{max(run['compile_seconds'] for run in runs):.1f}"]
+            + [f"{sum(run['diverged'] for run in runs)}/{len(runs)}"]
+        )
+    header = ["optimiser", "status", "chosen", f"s to {t1}", f"steps to {t1}", f"s to {t2}"]
+    header += [f"steps to {t2}", "final", "ms/step", "compile s", "diverged"]
+    return table(header, rows)
+
+
+def _lineup_plots(result: dict, stem: str) -> list[str]:
+    written = []
+    for name, wl in result["workloads"].items():
+        series = [
+            (key, r["runs"][0]["curve"], "-" if key.startswith("natgrad") else "--")
+            for key, r in wl["optimizers"].items()
+            if r["status"] == "ok" and r["runs"]
+        ]
+        title = f"{name} (seed 0, chosen grid point)"
+        log_y = wl["metric"] != "test_accuracy"
+        written.append(f"{stem}-{name}.png")
+        plot_curves(series, wl["targets"], written[-1], title, wl["metric"], log_y=log_y)
+    bs = result.get("batch_scaling")
+    if bs:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, points in bs["optimizers"].items():
+            xy = [(p["batch_size"], p["steps_to_target"]) for p in points if p["steps_to_target"]]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), "o-", label=key)
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="steps to target")
+        ax.set_title(f"seed MLP: steps to {bs['target']} test accuracy")
+        ax.legend(fontsize=8)
+        written.append(f"{stem}-batch-scaling.png")
+        fig.savefig(written[-1], dpi=90, bbox_inches="tight")
+        plt.close(fig)
+    return written
+
+
+def write_lineup(json_path: str) -> list[str]:
+    """REPORT-peers[-quick].md and the PNGs beside the lineup's `json_path`; the paths written."""
+    with open(json_path) as f:
+        result = json.load(f)
+    out = os.path.dirname(json_path) or "."
+    stem = os.path.join(out, os.path.basename(json_path)[: -len(".json")])
+    pngs, base = _lineup_plots(result, stem), os.path.basename(stem)
+    lines = [
+        f"# natgrad against the 2026 lineup ({result['mode']} mode)",
+        "",
+        "Protocol: docs/benchmarks.md. Cells: median over seeds [min, max]; — = not reached.",
+        f"Whole run: {result['total_seconds']:.0f} s.",
+        "",
+    ]
+    for name, wl in result["workloads"].items():
+        lines += [f"## {name} (batch {wl['batch_size']}, {wl['metric']})", ""]
+        lines += ([f"Note: {wl['note']}.", ""] if wl["note"] else []) + _lineup_table(wl)
+        lines += [verdict(name, wl), "", f"![{name}]({base}-{name}.png)", ""]
+    bs = result.get("batch_scaling")
+    if bs:
+        lines += [f"## Batch-size scaling (seed MLP, steps to {bs['target']}; — = not reached)", ""]
+        rows = [[k, *(p["steps_to_target"] for p in v)] for k, v in bs["optimizers"].items()]
+        lines += table(["optimiser", *map(str, bs["batch_sizes"])], rows)
+        lines += [f"![scaling]({base}-batch-scaling.png)", ""]
+    report = os.path.join(out, f"REPORT-{base}.md")
+    with open(report, "w") as f:
+        f.write("\n".join(lines))
+    return [report, *pngs]
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:

@@ -197,7 +197,7 @@ def step_costs(runs: Sequence[dict]) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     for name in dict.fromkeys(r["optimizer"] for r in runs):
         mine = [r for r in runs if r["optimizer"] == name]
-        step = [r["step_seconds_median"] for r in mine if r["step_seconds_median"] is not None]
+        step = [r["step_seconds"] for r in mine if r["step_seconds"] is not None]
         cg = [r["mean_cg_iterations"] for r in mine if r["mean_cg_iterations"] is not None]
         out[name] = {
             "step_seconds": statistics.median(step) if step else None,

@@ -29,17 +29,17 @@ Usage: ``python -m benchmarks.time_to_target [--quick] [--out results/bench]``; 
 from __future__ import annotations
 
 import argparse
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import targets as tg
+from benchmarks import workloads
 from benchmarks.grids import VALUES, Grid, grid_record, grids
-from benchmarks.timed_training import Problem, batch_order, eval_steps, train
+from benchmarks.timed_training import batch_order, eval_steps, train
 from benchmarks.timing import machine, write_json
 from natgrad.experiments import data, models
 
@@ -119,23 +119,15 @@ def lineup(task: str, settings: Settings) -> list[Grid]:
     ]
 
 
-def run_grid(
-    specs: Sequence[Grid],
-    settings: Settings,
-    problem: Problem,
-    order: np.ndarray,
-    *,
-    label: str,
-    seconds: float,
-    stop: Callable[[float], bool],
-) -> list[dict[str, Any]]:
+def run_grid(specs, settings: Settings, problem, order, *, label, seconds, stop) -> list[dict]:
     """Every optimiser at each value of its grid; the run records."""
     runs = []
     for g in specs:
         for value in g.values:
-            opt = g.build(value, problem.apply_fn, problem.loss)
-            record = train(
-                opt,
+            record, state = train(
+                g.name,
+                lambda v, g=g: g.build(v, problem.apply_fn, problem.loss),
+                value,
                 problem,
                 order,
                 chunk=settings.chunk,
@@ -143,11 +135,24 @@ def run_grid(
                 max_seconds=seconds,
                 stop=stop,
                 seed=SEED,
+                traced=not g.takes_model,
             )
+            record["final_state"] = _state_stats(state)
             config = f"{g.knob}={value:g}"
             runs.append({"optimizer": g.name, "config": config, "value": value, **record})
             print(_progress(label, runs[-1]), flush=True)
     return runs
+
+
+def _state_stats(state) -> dict[str, float | None]:
+    """The scalar state fields a reader wants after a run (damping, rejected steps), if present."""
+    out = {}
+    for name in ("damping", "rejected_steps", "step_size"):
+        value = getattr(state, name, None)
+        if value is not None and jnp.ndim(value) == 0:
+            value = float(value)
+            out[name] = value if math.isfinite(value) else None
+    return out
 
 
 def _progress(label: str, run: dict) -> str:
@@ -165,16 +170,7 @@ def _progress(label: str, run: dict) -> str:
 def classifier_task(ds, task: Classifier, settings: Settings) -> dict[str, Any]:
     """Every optimiser on the MLP `task.sizes`: test-accuracy curves and per-target tables."""
     model = models.mlp(task.sizes)
-    x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
-    accuracy = jax.jit(lambda p, x, y: jnp.mean(jnp.argmax(model.apply(p, x), axis=-1) == y))
-    problem = Problem(
-        model.apply,
-        model.loss,
-        model.init,
-        jnp.asarray(ds.x_train),
-        jnp.asarray(ds.y_train),
-        lambda p: accuracy(p, x_test, y_test),
-    )
+    problem = workloads.classifier(ds, model.init, model.apply, model.loss)
     order = batch_order(len(ds.x_train), settings.batch_size, task.steps, SEED + 1)
     top = max(task.targets)
     runs = run_grid(
@@ -201,14 +197,8 @@ def classifier_task(ds, task: Classifier, settings: Settings) -> dict[str, Any]:
 def autoencoder_task(ds, task: Autoencoder, settings: Settings) -> dict[str, Any]:
     """SGD+momentum for its whole budget, then every other optimiser until it reaches SGD's best
     training loss (or the same budget)."""
-    model = models.autoencoder(task.sizes)
-    pixels = jnp.asarray(ds.x_train)
-    subset = pixels[: task.eval_images]
-    loss = jax.jit(lambda p, x: model.loss.mean(model.apply(p, x), x))
-    problem = Problem(
-        model.apply, model.loss, model.init, pixels, pixels, lambda p: loss(p, subset)
-    )
-    order = batch_order(len(pixels), settings.batch_size, task.steps, SEED + 1)
+    problem = workloads.autoencoder(ds, task.sizes, task.eval_images)
+    order = batch_order(len(ds.x_train), settings.batch_size, task.steps, SEED + 1)
     specs = lineup("autoencoder", settings)
     common = dict(label="autoencoder", seconds=task.seconds)
     sgd = [g for g in specs if g.name == "sgd"]
@@ -226,7 +216,7 @@ def autoencoder_task(ds, task: Autoencoder, settings: Settings) -> dict[str, Any
     return {
         "model": list(task.sizes),
         "metric": "train_loss",
-        "eval_images": int(len(subset)),
+        "eval_images": min(task.eval_images, len(ds.x_train)),
         "target": target,
         "step_budget": int(len(order)),
         "seconds_budget": task.seconds,
@@ -242,17 +232,6 @@ def _name(sizes: Sequence[int]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Data and entry point
-
-
-def prepare(ds: data.Dataset, num_train: int | None) -> data.Dataset:
-    """`ds` with float32 inputs, int32 labels and the training set cut to its first `num_train`
-    examples. The inputs must be in [0, 1]: they are the autoencoder's Bernoulli targets."""
-    x_train = np.asarray(ds.x_train, np.float32)[:num_train]
-    x_test = np.asarray(ds.x_test, np.float32)
-    if min(x_train.min(), x_test.min()) < 0 or max(x_train.max(), x_test.max()) > 1:
-        raise ValueError("dataset: expected inputs in [0, 1] (pixel intensities)")
-    y_train, y_test = np.asarray(ds.y_train, np.int32)[:num_train], np.asarray(ds.y_test, np.int32)
-    return ds._replace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
 
 def load_fashion_mnist():
@@ -286,7 +265,7 @@ def _record(value):
 def run(settings: Settings, dataset, *, mode: str = "custom") -> dict[str, Any]:
     """Both tasks on `dataset` under `settings`; the JSON payload."""
     start = time.perf_counter()
-    ds = prepare(dataset, settings.num_train)
+    ds = workloads.load(settings.num_train, None, dataset)
     print(
         f"time_to_target ({mode}): {ds.name}, {len(ds.x_train)} train / {len(ds.x_test)} test",
         flush=True,

@@ -1,4 +1,5 @@
-"""The timed training loop of the time-to-target benchmark: compiled chunks, untimed evaluation.
+"""The timed training loop of the benchmarks that time training to a target (time to target and
+the 2026 lineup): compiled chunks of steps, untimed evaluation.
 
 One run trains one optimiser from fixed initial parameters on a fixed batch order:
 
@@ -19,6 +20,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -29,7 +31,7 @@ from jax import lax
 
 from natgrad.experiments import training
 
-__all__ = ["Problem", "batch_order", "eval_steps", "make_chunk", "train"]
+__all__ = ["Problem", "batch_order", "eval_steps", "make_chunk", "timed_loop", "train"]
 
 
 class Problem(NamedTuple):
@@ -96,106 +98,137 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def train(
-    opt: optax.GradientTransformation,
-    problem: Problem,
-    order: np.ndarray,
-    *,
-    chunk: int,
-    evals: list[int],
-    max_seconds: float,
-    stop: Callable[[float], bool],
-    seed: int,
-) -> dict[str, Any]:
-    """Train `opt` from the initial parameters ``problem.init(fold_in(PRNGKey(seed), 0))``.
-
-    Runs ``len(order)`` steps (rounded down to a chunk) at most; evaluates after each step in
-    `evals` and when the run stops. Stops early once the training time passes `max_seconds`
-    (checked after each chunk), once ``stop(metric)`` holds, or once a batch loss is non-finite.
-    Returns the run's record: the curve (step, seconds, metric, mean batch loss and CG
-    iterations since the previous point) and the run's timings and stopping reason.
-    """
-    root = jax.random.PRNGKey(seed)
-    params = problem.init(jax.random.fold_in(root, 0))
-    state = opt.init(params)
-    sample_root = jax.random.fold_in(root, 2)
-    order_dev = jnp.asarray(order, jnp.int32)
-    args = (problem.inputs, problem.targets, order_dev, sample_root)
-
-    start = time.perf_counter()
-    fn = jax.jit(make_chunk(opt, problem, chunk))
-    compiled = fn.lower(params, state, *args, jnp.int32(0)).compile()
-    compile_seconds = time.perf_counter() - start
-
+def timed_loop(
+    carry, advance, evaluate, *, steps, chunk, evals, max_seconds, stop, compile_seconds
+):
+    """Run ``advance(carry, start) -> (carry, batch_losses, cg_iterations or None)`` chunk by
+    chunk under the clock, ``len(steps) // chunk`` chunks at most; ``evaluate(carry)`` (untimed)
+    at step 0, after each step in `evals` and when the run stops. Stops early once the training
+    time passes `max_seconds` (checked after each chunk), once ``stop(metric)`` holds, or once a
+    batch loss or the metric is non-finite (the metric is then None). Returns (the run's record:
+    the curve of step, seconds, metric, mean batch loss and CG iterations since the previous
+    point, the timings and the stopping reason; the final carry)."""
     eval_seconds = 0.0
 
-    def evaluate(p) -> float | None:
+    def measure(c) -> float | None:
         nonlocal eval_seconds
         t0 = time.perf_counter()
-        value = _finite_or_none(float(problem.evaluate(p)))
+        value = _finite_or_none(float(evaluate(c)))
         eval_seconds += time.perf_counter() - t0
         return value
 
-    curve: dict[str, list] = {
-        "step": [0],
-        "seconds": [0.0],
-        "metric": [evaluate(params)],
-        "batch_loss": [None],
-        "cg_iterations": [None],
-    }
-    eval_at = set(evals)
-    num_chunks = len(order) // chunk
-    seconds, chunk_seconds, losses, cgs = 0.0, [], [], []
-    stopped = "step_budget"
+    curve = {"step": [0], "seconds": [0.0], "metric": [measure(carry)]}
+    curve |= {"batch_loss": [None], "cg_iterations": [None]}
+    num_chunks = steps // chunk
+    seconds, chunk_seconds, losses, cgs, stopped = 0.0, [], [], [], "step_budget"
     for c in range(num_chunks):
         t0 = time.perf_counter()
-        params, state, values, cg = compiled(params, state, *args, jnp.int32(c * chunk))
-        jax.block_until_ready((params, state, values, cg))
+        carry, values, cg = jax.block_until_ready(advance(carry, c * chunk))
         chunk_seconds.append(time.perf_counter() - t0)
         seconds += chunk_seconds[-1]
         losses.append(np.asarray(values))
-        cgs.append(np.asarray(cg))
-        step = (c + 1) * chunk
+        cgs.append(np.full(chunk, -1) if cg is None else np.asarray(cg))
         diverged = not np.all(np.isfinite(losses[-1]))
         out_of_time = seconds >= max_seconds
-        if not (step in eval_at or diverged or out_of_time or c == num_chunks - 1):
+        if not ((c + 1) * chunk in evals or diverged or out_of_time or c == num_chunks - 1):
             continue
-        metric = evaluate(params)
+        metric = None if diverged else measure(carry)
         batch_loss, cg_mean = float(np.mean(losses)), float(np.mean(cgs))
-        curve["step"].append(step)
+        curve["step"].append((c + 1) * chunk)
         curve["seconds"].append(seconds)
         curve["metric"].append(metric)
         curve["batch_loss"].append(_finite_or_none(batch_loss))
         curve["cg_iterations"].append(cg_mean if cg_mean >= 0 else None)
         losses, cgs = [], []
-        if diverged or metric is None:
+        if metric is None:
             stopped = "diverged"
-            break
-        if stop(metric):
+        elif stop(metric):
             stopped = "target_reached"
-            break
-        if out_of_time:
+        elif out_of_time:
             stopped = "time_budget"
+        if stopped != "step_budget":
             break
     cg_seen = [v for v in curve["cg_iterations"] if v is not None]
-    return {
+    finals = [m for m in curve["metric"] if m is not None]
+    record = {
         "compile_seconds": compile_seconds,
         "train_seconds": seconds,
         "eval_seconds": eval_seconds,
         "steps": curve["step"][-1],
-        "step_seconds_median": statistics.median(chunk_seconds) / chunk if chunk_seconds else None,
+        "step_seconds": statistics.median(chunk_seconds) / chunk if chunk_seconds else None,
         "mean_cg_iterations": statistics.fmean(cg_seen) if cg_seen else None,
+        "final_metric": finals[-1] if finals else None,
         "stopped": stopped,
-        "final_state": _state_stats(state),
+        "diverged": stopped == "diverged",
         "curve": curve,
     }
+    return record, carry
 
 
-def _state_stats(state) -> dict[str, float | None]:
-    """The scalar state fields a reader wants after a run (damping, rejected steps), if present."""
-    out = {}
-    for name in ("damping", "rejected_steps", "step_size"):
-        value = getattr(state, name, None)
-        if value is not None and jnp.ndim(value) == 0:
-            out[name] = _finite_or_none(float(value))
-    return out
+_COMPILED: dict = {}
+
+
+def _compiled(name, build, value, traced, problem, chunk, carry, args):
+    """The AOT-compiled chunk of optimiser `name` at `value` and its compile seconds, cached. A
+    `traced` knob is an argument of the compiled call (one compile serves the whole grid and every
+    seed: optax's factories); otherwise (natgrad's factories check their arguments in Python) one
+    compile per value, reused across seeds."""
+    key = (name, None if traced else value, id(problem), args[2].shape)
+    if key not in _COMPILED:
+
+        def run(v, *a):
+            return make_chunk(build(v), problem, chunk)(*a)
+
+        t0 = time.perf_counter()
+        fn = jax.jit(run if traced else partial(run, value))
+        lead = (jnp.float32(value),) if traced else ()
+        fn = fn.lower(*lead, *carry, *args, jnp.int32(0)).compile()
+        _COMPILED[key] = (fn, time.perf_counter() - t0, problem)  # the problem keeps its id
+    fn, seconds, _ = _COMPILED[key]
+    return (partial(fn, jnp.float32(value)) if traced else fn), seconds
+
+
+def train(
+    name: str,
+    build: Callable[[float], optax.GradientTransformation],
+    value: float,
+    problem: Problem,
+    order: np.ndarray,
+    *,
+    chunk: int,
+    evals,
+    max_seconds: float,
+    stop: Callable[[float], bool],
+    seed: int,
+    traced: bool = False,
+    eval_params: Callable[[Any, Any], Any] = lambda params, state: params,
+):
+    """Train ``build(value)`` (optimiser `name`) from the initial parameters
+    ``problem.init(fold_in(PRNGKey(seed), 0))`` on the batches `order`, with the sampling keys
+    ``fold_in(fold_in(PRNGKey(seed), 2), step)``; `timed_loop` does the rest, evaluating
+    ``eval_params(params, state)``. Returns (the run's record, the final optimiser state)."""
+    root = jax.random.PRNGKey(seed)
+    params = problem.init(jax.random.fold_in(root, 0))
+    state = build(value).init(params)
+    order_dev = jnp.asarray(order, jnp.int32)
+    args = (problem.inputs, problem.targets, order_dev, jax.random.fold_in(root, 2))
+    fn, compile_seconds = _compiled(
+        name, build, value, traced, problem, chunk, (params, state), args
+    )
+
+    def advance(carry, start):
+        params, state, values, cg = fn(*carry, *args, jnp.int32(start))
+        return (params, state), values, cg
+
+    record, (_, state) = timed_loop(
+        (params, state),
+        advance,
+        lambda c: problem.evaluate(eval_params(*c)),
+        steps=len(order),
+        chunk=chunk,
+        evals=set(evals),
+        max_seconds=max_seconds,
+        stop=stop,
+        compile_seconds=compile_seconds,
+    )
+    return record, state

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 # `benchmarks` is a top-level package beside `src`: pyproject's pytest `pythonpath` adds the root.
-from benchmarks import report, targets
+from benchmarks import report, targets, workloads
 from benchmarks import time_to_target as ttt
 from benchmarks.grids import VALUES, grids
 from benchmarks.timed_training import batch_order, eval_steps
@@ -153,12 +153,12 @@ def test_batch_order_is_a_fresh_permutation_per_epoch():
 
 def test_prepare_cuts_the_training_set_and_checks_the_pixel_range():
     ds = data.synthetic(num_train=40, num_test=8, num_features=5, num_classes=2, seed=0)
-    arrays = ttt.prepare(ds, 30)
+    arrays = workloads.load(30, ds=ds)
     assert arrays.x_train.shape == (30, 5) and arrays.y_train.shape == (30,)
     assert arrays.x_train.dtype == np.float32 and arrays.y_train.dtype == np.int32
     assert arrays.x_test.shape == (8, 5) and arrays.name == "synthetic"
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        ttt.prepare(ds._replace(x_test=2 * ds.x_test - 1), None)
+        workloads.load(ds=ds._replace(x_test=2 * ds.x_test - 1))
 
 
 @pytest.mark.parametrize("task", ["classifier", "autoencoder"])

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from benchmarks.peers import registry, runner, workloads
+from benchmarks import grids, workloads
+from benchmarks.peers import runner
 
 from natgrad.experiments import data
 
@@ -24,14 +25,14 @@ def test_tiny_lineup_schema_and_failed_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(workloads, "load_data", lambda mode: ds)
     monkeypatch.setattr(runner, "SCALING", ("adam",))
     monkeypatch.setenv("PEERS_PYTHON", str(tmp_path / "no-such-python"))
-    build = registry.build
+    build = grids.build
 
     def broken(key, *args):
         if key == "psgd-kron":
             raise ImportError("No module named 'psgdax'")
         return build(key, *args)
 
-    monkeypatch.setattr(registry, "build", broken)
+    monkeypatch.setattr(grids, "build", broken)
     keys = ["adam", "sgd-momentum", "psgd-kron", "kfac-jax"]
     runner.main(["--quick", "--out", str(tmp_path), "--optimizers", *keys])
 

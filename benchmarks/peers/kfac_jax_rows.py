@@ -20,8 +20,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.peers import runner, workloads
-from benchmarks.timed_training import batch_order
+from benchmarks import workloads
+from benchmarks.peers import runner
+from benchmarks.timed_training import batch_order, timed_loop
 
 
 def run_kfac_jax(key: str, value: float, w: workloads.Workload, seed: int) -> dict:
@@ -71,11 +72,17 @@ def run_kfac_jax(key: str, value: float, w: workloads.Workload, seed: int) -> di
         for s in range(start, start + runner.chunk_size(w)):
             *carry, stats = step(*carry, s)
             losses.append(stats["loss"])
-        return tuple(carry), jnp.stack(losses)
+        return tuple(carry), jnp.stack(losses), None
 
-    return runner.timed_loop(
-        (params, state), advance, lambda c: p.evaluate(c[0]), w, order, compile_seconds
+    record, _ = timed_loop(
+        (params, state),
+        advance,
+        lambda c: p.evaluate(c[0]),
+        steps=len(order),
+        compile_seconds=compile_seconds,
+        **runner.loop_options(w, order),
     )
+    return runner.with_targets(record, w)
 
 
 def main(argv) -> None:

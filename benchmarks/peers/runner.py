@@ -24,17 +24,13 @@ import os
 import statistics
 import subprocess
 import time
-from functools import partial
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from benchmarks.peers import registry, workloads
+from benchmarks import grids, workloads
 from benchmarks.targets import first_reach
-from benchmarks.timed_training import batch_order, eval_steps, make_chunk
+from benchmarks.timed_training import batch_order, eval_steps, train
 
 GROWTH = 1.25
+SCALING = ("adam", "muon", "natgrad-kfac", "natgrad-natural-gradient")
 
 
 def chunk_size(w: workloads.Workload) -> int:
@@ -42,96 +38,48 @@ def chunk_size(w: workloads.Workload) -> int:
     return max(1, min(10, 1280 // w.batch_size))
 
 
-SCALING = ("adam", "muon", "natgrad-kfac", "natgrad-natural-gradient")
+def loop_options(w: workloads.Workload, order) -> dict:
+    """`timed_training`'s schedule for `w`: chunks, evaluations 1.25× apart, the time budget,
+    and a stop at the top target."""
+    top, chunk = w.targets[-1], chunk_size(w)
+    return {
+        "chunk": chunk,
+        "evals": set(eval_steps(len(order), chunk, GROWTH)),
+        "max_seconds": w.seconds,
+        "stop": (lambda m: m >= top) if w.higher_is_better else (lambda m: m <= top),
+    }
 
 
-def timed_loop(carry, advance, evaluate, w: workloads.Workload, order, compile_seconds):
-    """Run `advance(carry, start) -> (carry, batch_losses)` chunk by chunk under the clock;
-    `evaluate(carry)` (untimed) after the steps of `eval_steps`. The run's record."""
-    top = w.targets[-1]
-    chunk = chunk_size(w)
-    evals = set(eval_steps(len(order), chunk, GROWTH))
-    curve = {"step": [0], "seconds": [0.0], "metric": [float(evaluate(carry))]}
-    seconds, chunk_seconds, diverged = 0.0, [], False
-    for c in range(len(order) // chunk):
-        t0 = time.perf_counter()
-        carry, losses = advance(carry, c * chunk)
-        losses = np.asarray(jax.block_until_ready(losses))
-        chunk_seconds.append(time.perf_counter() - t0)
-        seconds += chunk_seconds[-1]
-        diverged = not np.all(np.isfinite(losses))
-        last = diverged or seconds >= w.seconds or c == len(order) // chunk - 1
-        if (c + 1) * chunk in evals or last:
-            metric = float(evaluate(carry))
-            diverged = diverged or not math.isfinite(metric)
-            curve["step"].append((c + 1) * chunk)
-            curve["seconds"].append(seconds)
-            curve["metric"].append(None if diverged else metric)
-            if last or diverged or (metric >= top if w.higher_is_better else metric <= top):
-                break
+def with_targets(record: dict, w: workloads.Workload) -> dict:
+    """`record` with the steps and seconds to each target of `w` (first evaluation reaching it)."""
+    c = record["curve"]
     hits = {
-        str(t): first_reach(*curve.values(), t, higher_is_better=w.higher_is_better)
+        str(t): first_reach(
+            c["step"], c["seconds"], c["metric"], t, higher_is_better=w.higher_is_better
+        )
         for t in w.targets
     }
-    to_step, to_sec = ({t: h[i] for t, h in hits.items()} for i in (0, 1))
-    finals = [m for m in curve["metric"] if m is not None]
-    return {
-        "steps_to_target": to_step,
-        "seconds_to_target": to_sec,
-        "final_metric": finals[-1] if finals else None,
-        "step_seconds": statistics.median(chunk_seconds) / chunk if chunk_seconds else None,
-        "compile_seconds": compile_seconds,
-        "train_seconds": seconds,
-        "steps": curve["step"][-1],
-        "diverged": diverged,
-        "curve": curve,
-    }
-
-
-def _compiled(key: str, value: float, w: workloads.Workload, carry, args):
-    """The AOT-compiled chunk of `key` at `value`, and its compile seconds. Peers get the knob
-    as an argument (one compile serves their grid and seeds); natgrad's factories check their
-    arguments in Python, so theirs is compiled per value (and reused across seeds)."""
-    p, traced = w.problem, key in registry.TRACEABLE
-    cache_key = (key, None if traced else value, id(p), w.batch_size, w.steps)
-    if cache_key not in _CACHE:
-
-        def chunk(v, *a):
-            opt = registry.build(key, v, p.apply_fn, p.loss)
-            return make_chunk(opt, p, chunk_size(w))(*a)
-
-        t0 = time.perf_counter()
-        if traced:
-            fn = jax.jit(chunk).lower(jnp.float32(value), *carry, *args, jnp.int32(0)).compile()
-        else:
-            fn = jax.jit(partial(chunk, value)).lower(*carry, *args, jnp.int32(0)).compile()
-        _CACHE[cache_key] = (fn, time.perf_counter() - t0, w)
-    fn, seconds, _ = _CACHE[cache_key]
-    return (partial(fn, jnp.float32(value)) if traced else fn), seconds
-
-
-_CACHE: dict = {}
+    record["steps_to_target"] = {t: h[0] for t, h in hits.items()}
+    record["seconds_to_target"] = {t: h[1] for t, h in hits.items()}
+    return record
 
 
 def run_optax(key: str, value: float, w: workloads.Workload, seed: int) -> dict:
     """One run of the optax-compatible optimiser `key` (peers and natgrad) at `value`."""
     p = w.problem
-    opt = registry.build(key, value, p.apply_fn, p.loss)
-    root = jax.random.PRNGKey(seed)
-    params = p.init(jax.random.fold_in(root, 0))
-    state = opt.init(params)
     order = batch_order(len(p.inputs), w.batch_size, w.steps, seed + 1)
-    args = (p.inputs, p.targets, jnp.asarray(order), jax.random.fold_in(root, 2))
-    compiled, compile_seconds = _compiled(key, value, w, (params, state), args)
-
-    def advance(carry, start):
-        params, state, values, _ = compiled(*carry, *args, jnp.int32(start))
-        return (params, state), values
-
-    def evaluate(carry):
-        return p.evaluate(registry.eval_params(key, *carry))
-
-    return timed_loop((params, state), advance, evaluate, w, order, compile_seconds)
+    record, _ = train(
+        key,
+        lambda v: grids.build(key, v, p.apply_fn, p.loss),
+        value,
+        p,
+        order,
+        seed=seed,
+        traced=not grids.LINEUP[key].takes_model,
+        eval_params=lambda params, state: grids.eval_params(key, params, state),
+        **loop_options(w, order),
+    )
+    return with_targets(record, w)
 
 
 def _score(run: dict, w: workloads.Workload) -> tuple:
@@ -146,8 +94,8 @@ def _score(run: dict, w: workloads.Workload) -> tuple:
 def row(key: str, w: workloads.Workload, mode: str, run_fn, autoencoder: bool, points=None):
     """One optimiser's row: tuning over its grid on seed 0, then the other seeds at the chosen
     value; ``failed: <reason>`` if any run raises."""
-    knob, values = registry.grid(key, points or workloads.MODES[mode]["grid"], autoencoder)
-    out = {"status": "ok", "knob": knob, "grid": list(values), "fixed": registry.FIXED.get(key)}
+    knob, values = grids.grid(key, points or workloads.MODES[mode]["grid"], autoencoder)
+    out = {"status": "ok", "knob": knob, "grid": list(values), "fixed": grids.FIXED.get(key)}
     try:
         tuning = [run_fn(key, v, w, 0) | {"seed": 0, "grid_point": {knob: v}} for v in values]
         best = min(range(len(values)), key=lambda i: _score(tuning[i], w))
@@ -231,13 +179,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="natgrad against the 2026 lineup")
     parser.add_argument("--quick", action="store_true", help="10k examples, 1 seed, grids of 1")
     parser.add_argument("--workloads", nargs="+", help="default: all of the mode's workloads")
-    parser.add_argument("--optimizers", nargs="+", default=list(registry.KEYS))
+    parser.add_argument("--optimizers", nargs="+", default=list(grids.KEYS))
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     args.workloads = args.workloads or list(workloads.MODES[mode]["workloads"])
-    unknown = set(args.optimizers) - set(registry.KEYS) or set(args.workloads) - set(
+    unknown = set(args.optimizers) - set(grids.KEYS) or set(args.workloads) - set(
         workloads.MODES[mode]["workloads"]
     )
     if unknown:
@@ -274,7 +222,13 @@ def main(argv=None) -> dict:
         result["total_seconds"] = time.perf_counter() - start
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
-    from benchmarks.peers import report
+    from benchmarks import report
 
-    print("wrote", path, *report.write(path), f"total {result['total_seconds']:.0f} s", flush=True)
+    print(
+        "wrote",
+        path,
+        *report.write_lineup(path),
+        f"total {result['total_seconds']:.0f} s",
+        flush=True,
+    )
     return result

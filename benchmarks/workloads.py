@@ -1,18 +1,21 @@
-"""The lineup's four Fashion-MNIST workloads and the batch-size scaling study, per mode.
+"""The Fashion-MNIST workloads of the timed benchmarks, and the lineup's per-mode protocol.
 
-Every workload is a `benchmarks.timed_training.Problem` (model, training arrays, untimed metric)
-plus its batch size, targets and budgets. Classifiers are scored by accuracy on the 10k test
-images (the validation set), the autoencoder by its loss on a fixed set of training images.
+Every workload is a `benchmarks.timed_training.Problem` (model, training arrays, untimed metric).
+Classifiers are scored by accuracy on the test images (the validation set), the autoencoder by
+its loss on a fixed set of training images. The 2026 lineup's four (`MODES`, `workload`):
 
 * ``mlp``: 784-128-10, batch 128 (the seed experiment).
 * ``deep-mlp``: 784-512-512-10, batch 1024.
 * ``autoencoder``: 784-256-64-16-64-256-784 (`natgrad.experiments.models.autoencoder`), batch 128.
 * ``cnn``: conv 3×3×8 stride 2 → conv 3×3×16 stride 2 → dense 10 (ReLU), batch 128. natgrad has
   no convolution K-FAC yet: its K-FAC gives the two conv layers diagonal blocks (marked in JSON).
+
+Time to target builds its MLPs and autoencoder of any sizes with `classifier` and `autoencoder`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -22,9 +25,9 @@ from jax import lax
 
 from benchmarks.timed_training import Problem
 from natgrad import layers, losses
-from natgrad.experiments import models
+from natgrad.experiments import data, models
 
-__all__ = ["MODES", "Workload", "cnn", "workload", "load_data"]
+__all__ = ["MODES", "Workload", "autoencoder", "classifier", "cnn", "load", "load_data", "workload"]
 
 
 class Workload(NamedTuple):
@@ -39,7 +42,7 @@ class Workload(NamedTuple):
 
 # Per mode: data sizes, seeds, grid points, per workload (batch, targets, steps, seconds), and
 # the batch-scaling study (batch sizes, target, steps, seconds, grid points). Quick targets come
-# from short runs (the best peers reach them within the budget); full ones from the existing
+# from short runs (the best peers reach them within the budget); full ones from the
 # time-to-target benchmark (classifiers) and an extrapolation of the quick runs (autoencoder).
 MODES = {
     "full": {
@@ -71,15 +74,40 @@ MODES = {
 }
 
 
-def load_data(mode: str):
-    """Fashion-MNIST (`natgrad.experiments.data`), cut to the mode's train and test sizes."""
-    from natgrad.experiments import data
+def load(num_train: int | None = None, num_test: int | None = None, ds=None) -> data.Dataset:
+    """Fashion-MNIST (`natgrad.experiments.data`; `ds` instead if given) with float32 inputs,
+    int32 labels, cut to the first `num_train` / `num_test` examples (None: all). The inputs must
+    be in [0, 1]: they are the autoencoder's Bernoulli targets."""
+    ds = data.load_dataset("fashion-mnist") if ds is None else ds
+    x_train = np.asarray(ds.x_train, np.float32)[:num_train]
+    x_test = np.asarray(ds.x_test, np.float32)[:num_test]
+    if min(x_train.min(), x_test.min()) < 0 or max(x_train.max(), x_test.max()) > 1:
+        raise ValueError("dataset: expected inputs in [0, 1] (pixel intensities)")
+    y_train = np.asarray(ds.y_train, np.int32)[:num_train]
+    y_test = np.asarray(ds.y_test, np.int32)[:num_test]
+    return ds._replace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
-    n, m = MODES[mode]["num_train"], MODES[mode]["num_test"]
-    ds = data.load_dataset("fashion-mnist")
-    return ds._replace(
-        x_train=ds.x_train[:n], y_train=ds.y_train[:n], x_test=ds.x_test[:m], y_test=ds.y_test[:m]
-    )
+
+def load_data(mode: str) -> data.Dataset:
+    """Fashion-MNIST cut to the lineup mode's train and test sizes."""
+    return load(MODES[mode]["num_train"], MODES[mode]["num_test"])
+
+
+def classifier(ds, init, apply, loss) -> Problem:
+    """The classifier (`init`, `apply`, `loss`) on `ds`, scored by its test accuracy."""
+    x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+    accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(apply(p, x_test), -1) == y_test))
+    return Problem(apply, loss, init, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), accuracy)
+
+
+def autoencoder(ds, sizes: Sequence[int], eval_images: int) -> Problem:
+    """The autoencoder of layer `sizes` on the pixels of `ds`, scored by its mean loss on the
+    first `eval_images` training images."""
+    model = models.autoencoder(sizes)
+    pixels = jnp.asarray(ds.x_train)
+    subset = pixels[:eval_images]
+    loss = jax.jit(lambda p: model.loss.mean(model.apply(p, subset), subset))
+    return Problem(model.apply, model.loss, model.init, pixels, pixels, loss)
 
 
 def cnn():
@@ -107,23 +135,17 @@ def cnn():
 
 
 def workload(name: str, ds, mode: str, batch_size: int | None = None) -> Workload:
-    """Workload `name` of `mode` on the dataset `ds` (batch size overridable for scaling)."""
+    """Lineup workload `name` of `mode` on the dataset `ds` (batch size overridable)."""
     batch, targets, steps, seconds = MODES[mode]["workloads"][name]
-    x_train, x_test = jnp.asarray(ds.x_train), jnp.asarray(ds.x_test)
     if name == "autoencoder":
-        model = models.autoencoder()
-        subset = x_train[:2000]
-        loss = jax.jit(lambda p: model.loss.mean(model.apply(p, subset), subset))
-        problem = Problem(model.apply, model.loss, model.init, x_train, x_train, loss)
+        problem = autoencoder(ds, models.autoencoder().sizes, 2000)
         return Workload(problem, batch, targets, False, steps, seconds)
+    note = ""
     if name == "cnn":
-        init, apply = cnn()
-        loss, note = losses.softmax_cross_entropy(), "natgrad-kfac: conv layers on diagonal blocks"
+        (init, apply), loss = cnn(), losses.softmax_cross_entropy()
+        note = "natgrad-kfac: conv layers on diagonal blocks"
     else:
-        sizes = (784, 128, 10) if name == "mlp" else (784, 512, 512, 10)
-        model = models.mlp(sizes)
-        init, apply, loss, note = model.init, model.apply, model.loss, ""
-    y_test = jnp.asarray(ds.y_test)
-    accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(apply(p, x_test), -1) == y_test))
-    problem = Problem(apply, loss, init, x_train, jnp.asarray(ds.y_train), accuracy)
+        model = models.mlp((784, 128, 10) if name == "mlp" else (784, 512, 512, 10))
+        init, apply, loss = model.init, model.apply, model.loss
+    problem = classifier(ds, init, apply, loss)
     return Workload(problem, batch_size or batch, targets, True, steps, seconds, note)
