@@ -4,6 +4,9 @@ import os
 
 import jax
 
+# The `natgrad` command caches compiled steps on disk (natgrad.experiments.cli.compilation_cache);
+# the tests' runs, in-process or in subprocesses, do not, unless a test asks for it.
+os.environ.setdefault("NATGRAD_CACHE_DIR", "off")
 # Dense oracles are float64. Tests that exercise float32 paths ask for float32 explicitly.
 jax.config.update("jax_enable_x64", True)
 
