@@ -18,6 +18,7 @@ __all__ = [
     "positive_int",
     "seed",
     "positive_float",
+    "widths",
     "add_common",
 ]
 
@@ -64,7 +65,7 @@ seed = number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = number(float, lambda v: 0 < v < math.inf, "a number > 0")
 
 
-def _widths(text: str) -> tuple[int, ...]:
+def widths(text: str) -> tuple[int, ...]:
     try:
         return tuple(positive_int(part) for part in text.split(","))
     except argparse.ArgumentTypeError:
@@ -87,7 +88,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mlp", choices=models.MODELS, help="the model to train")
     p.add_argument(
         "--hidden",
-        type=_widths,
+        type=widths,
         help="hidden widths, comma-separated (default: mlp 128; autoencoder 256,64,16,64,256)",
     )
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over the training set")

@@ -13,7 +13,6 @@ Bad arguments print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,15 +33,6 @@ PROBLEMS = ("poisson2d", "poisson5d")
 OPTIMIZERS = ("engd-dense", "ngd-dense", "ngd-cg", "hessian-free", "adam", "lbfgs", "gd")
 
 
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(options.positive_int(part) for part in text.split(","))
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected hidden widths such as 32,32, got {text!r}"
-        ) from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `natgrad pinn`."""
     p.add_argument("--problem", choices=PROBLEMS, default="poisson2d")
@@ -59,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--adam-lrs", default="1e-3,3e-3,1e-2")
     p.add_argument("--gd-lrs", default="1e-4,1e-3")
-    p.add_argument("--hidden", type=_widths, default=(32, 32), help="hidden widths")
+    p.add_argument("--hidden", type=options.widths, default=(32, 32), help="hidden widths")
     p.add_argument(
         "--interior",
         type=options.positive_int,
@@ -143,10 +133,6 @@ def plot_curves(results: Mapping[str, Mapping[str, Any]], path: str, title: str 
     plt.close(fig)
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`natgrad pinn` on its own: parse `argv`, `run`; a user error is one line, exit 2."""
     try:
@@ -174,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
     jax.config.update("jax_enable_x64", True)  # the run is float64; natgrad's import is not
     from natgrad.experiments import pinn, pinn_run, report
+    from natgrad.experiments.session import say
 
     try:
         names = pinn_run.optimizer_names(
@@ -190,14 +177,14 @@ def run(args: argparse.Namespace) -> int:
     )
     n = sum(x.size for x in jax.tree.leaves(work.params))
     rows = work.batch[1].shape[0]
-    _say(f"{args.problem}: {n} parameters, {rows} residuals, budget {args.budget:g} s each")
+    say(f"{args.problem}: {n} parameters, {rows} residuals, budget {args.budget:g} s each")
     results: dict[str, Any] = {}
     start = time.perf_counter()
     for name in names:
-        _say(f"{name}:")
+        say(f"{name}:")
         stepper = pinn_run.make_stepper(name, work)
         results[name] = pinn_run.run(
-            stepper, work, budget_seconds=args.budget, max_steps=args.max_steps, log=_say
+            stepper, work, budget_seconds=args.budget, max_steps=args.max_steps, log=say
         )
     config = {
         "command": "pinn",
@@ -212,21 +199,11 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "optimizers": names,
     }
-    document = {
-        "config": config,
-        "machine": report.machine_info(),
-        "results": results,
-        "total_seconds": time.perf_counter() - start,
-    }
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(document, f, indent=2)
-        f.write("\n")
-    table = markdown_table(results)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table)
     title = f"{args.problem}, tanh {'-'.join(map(str, (work.problem.dim, *args.hidden, 1)))}"
-    plot_curves(results, os.path.join(out, "curves.png"), title)
-    print(table, end="")
+    seconds = time.perf_counter() - start
+    files = dict(total_seconds=seconds, title=title, table=markdown_table, plot=plot_curves)
+    report.write_results(out, config, results, **files)
+    print(markdown_table(results), end="")
     return 0
 
 

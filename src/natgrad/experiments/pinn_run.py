@@ -39,6 +39,7 @@ import optax
 
 import natgrad
 from natgrad import dense
+from natgrad.experiments import training
 from natgrad.experiments.pinn import Workload, relative_l2
 
 __all__ = [
@@ -74,26 +75,10 @@ def _mean_loss(work: Workload) -> Callable[[PyTree], jax.Array]:
     return lambda p: loss.mean(work.apply_fn(p, inputs), targets)
 
 
-def _from_optax(work: Workload, opt, hyper) -> Stepper:
-    loss_fn = _mean_loss(work)
-
-    def step(params, state):
-        value, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    return Stepper(opt.init, jax.jit(step), hyper)
-
-
-def _from_natgrad(work: Workload, opt, hyper) -> Stepper:
-    loss_fn = _mean_loss(work)
-
-    def step(params, state):
-        value, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = opt.update(grads, state, params, batch=work.batch)
-        return optax.apply_updates(params, updates), state, value
-
-    return Stepper(opt.init, jax.jit(step), hyper)
+def _stepper(work: Workload, opt, hyper) -> Stepper:
+    """The jitted full-batch `training.make_step` of `opt` (natgrad's get the batch)."""
+    step = training.make_step(opt, work.apply_fn, natgrad.losses.squared_error())
+    return Stepper(opt.init, jax.jit(lambda p, s: step(p, s, work.batch, None)), hyper)
 
 
 def _lbfgs(work: Workload) -> Stepper:
@@ -151,56 +136,36 @@ def optimizer_names(names: Sequence[str], adam_lrs=ADAM_LRS, gd_lrs=GD_LRS) -> l
 
 def make_stepper(name: str, work: Workload) -> Stepper:
     """The optimiser called `name` (from `optimizer_names`) on `work`."""
+    ng, lm = natgrad.natural_gradient, natgrad.damping.levenberg_marquardt
+    # name: (factory, hyperparameters, Levenberg-Marquardt damping (λ₀, floor) or None)
+    natgrads = {
+        "ngd-dense": (
+            ng,
+            {"curvature": "ggn", "solver": "dense", "step_rule": "line_search"},
+            None,
+        ),
+        "ngd-cg": (
+            ng,
+            {"curvature": "ggn", "maxiter": 200, "step_rule": "quadratic"},
+            (1e-3, 1e-10),
+        ),
+        "hessian-free": (natgrad.hessian_free, {"maxiter": 200}, (1.0, 1e-10)),
+    }
     if name == "engd-dense":
         return engd_dense(work)
-    if name == "ngd-dense":
-        hyper = {
-            "curvature": "ggn",
-            "solver": "dense",
-            "step_rule": "line_search",
-            "damping": ENGD_DAMPING,
-        }
-        opt = natgrad.natural_gradient(
-            work.apply_fn,
-            natgrad.losses.squared_error(),
-            curvature="ggn",
-            solver="dense",
-            step_rule="line_search",
-            damping=ENGD_DAMPING,
-        )
-        return _from_natgrad(work, opt, hyper)
-    if name == "ngd-cg":
-        hyper = {
-            "curvature": "ggn",
-            "maxiter": 200,
-            "step_rule": "quadratic",
-            "damping": "levenberg_marquardt(1e-3, min_damping=1e-10)",
-        }
-        opt = natgrad.natural_gradient(
-            work.apply_fn,
-            natgrad.losses.squared_error(),
-            curvature="ggn",
-            maxiter=200,
-            step_rule="quadratic",
-            damping=natgrad.damping.levenberg_marquardt(1e-3, min_damping=1e-10),
-        )
-        return _from_natgrad(work, opt, hyper)
-    if name == "hessian-free":
-        hyper = {"maxiter": 200, "damping": "levenberg_marquardt(1.0, min_damping=1e-10)"}
-        opt = natgrad.hessian_free(
-            work.apply_fn,
-            natgrad.losses.squared_error(),
-            maxiter=200,
-            damping=natgrad.damping.levenberg_marquardt(1.0, min_damping=1e-10),
-        )
-        return _from_natgrad(work, opt, hyper)
+    if name in natgrads:
+        factory, hyper, rule = natgrads[name]
+        damping = ENGD_DAMPING if rule is None else lm(rule[0], min_damping=rule[1])
+        opt = factory(work.apply_fn, natgrad.losses.squared_error(), damping=damping, **hyper)
+        shown = f"levenberg_marquardt({rule[0]:g}, min_damping={rule[1]:g})" if rule else damping
+        return _stepper(work, opt, hyper | {"damping": shown})
     if name == "lbfgs":
         return _lbfgs(work)
     family, _, lr = name.partition("-")
     if family in ("adam", "gd") and lr:
         rate = float(lr)
         opt = optax.adam(rate) if family == "adam" else optax.sgd(rate)
-        return _from_optax(work, opt, {"learning_rate": rate})
+        return _stepper(work, opt, {"learning_rate": rate})
     raise ValueError(f"optimizer: unknown name {name!r}")
 
 

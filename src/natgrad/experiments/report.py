@@ -169,9 +169,12 @@ def result_files(
     *,
     total_seconds: float | None = None,
     title: str = "",
+    table: Callable[[Mapping], str] = markdown_table,
+    plot: Callable[[Mapping, str, str], None] = plot_curves,
 ) -> dict[str, tuple[str, Callable[[str], None]]]:
     """``{"results" | "table" | "curves": (file name, write(path))}``: results.json, table.md
-    and curves.png, each written by its own function (so one failing spares the others)."""
+    (`table` of the results) and curves.png (`plot`), each written by its own function (so one
+    failing spares the others)."""
     document = {
         "config": config,
         "machine": machine_info(),
@@ -179,11 +182,11 @@ def result_files(
         "total_seconds": total_seconds,
     }
     text = json.dumps(document, indent=2, default=_json_default) + "\n"
-    table = markdown_table(results)
+    markdown = table(results)
     return {
         "results": ("results.json", lambda path: write_text(path, text)),
-        "table": ("table.md", lambda path: write_text(path, table)),
-        "curves": ("curves.png", lambda path: plot_curves(results, path, title)),
+        "table": ("table.md", lambda path: write_text(path, markdown)),
+        "curves": ("curves.png", lambda path: plot(results, path, title)),
     }
 
 
@@ -192,11 +195,11 @@ def write_text(path: str, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def write_results(out_dir: str, config, results, *, total_seconds=None, title="") -> dict:
-    """Write results.json, table.md and curves.png to `out_dir`; returns their paths."""
+def write_results(out_dir: str, config, results, **options) -> dict:
+    """Write results.json, table.md and curves.png to `out_dir` (`options` as `result_files`);
+    returns their paths."""
     paths = {}
-    files = result_files(config, results, total_seconds=total_seconds, title=title)
-    for kind, (name, write) in files.items():
+    for kind, (name, write) in result_files(config, results, **options).items():
         paths[kind] = os.path.join(out_dir, name)
         write(paths[kind])
     return paths
