@@ -12,14 +12,12 @@ Targets: ggn / fisher ≤ 1.2×, empirical_fisher and fisher_mc ≤ 1.3×, hessi
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import optax
 from jax import lax
 
-from benchmarks.timing import batch, machine, median_seconds, mlp, write_json
-from natgrad import curvature, losses
+from benchmarks.timing import command, machine, median_seconds, setup
+from natgrad import curvature
 
 TARGETS = {"ggn": 1.2, "fisher": 1.2, "empirical_fisher": 1.3, "fisher_mc": 1.3, "hessian": 2.5}
 
@@ -60,9 +58,7 @@ def run(quick: bool = False) -> dict:
     sizes, batch_size, k = ((784, 128, 10), 128, 6) if quick else ((784, 512, 512, 10), 1024, 11)
     repeats = 5 if quick else 25
     key = jax.random.PRNGKey(0)
-    params, apply_fn = mlp(sizes, key)
-    data = batch(jax.random.PRNGKey(1), batch_size)
-    loss = losses.softmax_cross_entropy()
+    params, apply_fn, data, loss = setup(sizes, batch_size)
 
     grad = jax.jit(jax.grad(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1])))
     t_grad = median_seconds(grad, params, data, repeats=repeats)
@@ -97,21 +93,17 @@ def run(quick: bool = False) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/bench")
-    args = parser.parse_args(argv)
-    payload = run(args.quick)
-    path = write_json(args.out, "curvature.json", payload)
+def _show(payload: dict):
     for name, r in payload["operators"].items():
-        print(
+        yield (
             f"  {name:20s} product/grad {r['product_over_grad']:.2f}  "
             f"build/grad {r['build_over_grad']:.2f}  "
             f"single call/grad {r['single_call_over_grad']:.2f}  target {r['target']}"
         )
-    print(f"wrote {path}")
-    return payload
+
+
+def main(argv=None) -> dict:
+    return command(argv, __doc__, "curvature", run, _show)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import jax
 import optax
 
 import natgrad
+from natgrad.experiments import lineup
 
 __all__ = ["MOMENTUM", "VALUES", "Grid", "grids", "grid_record", "hessian_free_lm"]
 __all__ += ["LINEUP", "KEYS", "FIXED", "grid", "build", "eval_params"]
@@ -80,40 +81,30 @@ VALUES = {
 
 
 def grids(task: str) -> list[Grid]:
-    """Every optimiser of the time-to-target `task` ("classifier" or "autoencoder") with its grid.
+    """Every optimiser of the time-to-target `task` ("classifier" or "autoencoder") with its grid:
+    the `natgrad compare` lineup's entries (`natgrad.experiments.lineup`: the same factories and
+    fixed hyperparameters, e.g. the sampled Fisher's damping 1e-2), SGD with momentum.
 
     The natural-gradient variants are those of `natgrad.curvature` that differ here: the GGN is
     the Fisher for softmax and Bernoulli outputs (so "ngd-fisher" is natural gradient with the
-    GGN too), and the indefinite Hessian is Newton-CG rather than natural gradient. The sampled
-    curvatures get the fixed damping 1e-2 of the experiments' lineup. The autoencoder runs
-    SGD+momentum, Adam, natural gradient, Hessian-free and K-FAC.
-    K-FAC runs natural gradient's grid of δ.
+    GGN too), and the indefinite Hessian is Newton-CG rather than natural gradient. The
+    autoencoder runs SGD+momentum, Adam, natural gradient, Hessian-free and K-FAC. K-FAC runs
+    natural gradient's grid of δ.
     """
     if task not in VALUES:
         raise ValueError(f"task: expected one of {tuple(VALUES)}, got {task!r}")
-    values = VALUES[task]
-    ng, kl = natgrad.natural_gradient, values["kl_radius"]
-    specs = [
-        Grid("sgd", optax.sgd, "learning_rate", values["sgd"], {"momentum": MOMENTUM}, False),
-        Grid("adam", optax.adam, "learning_rate", values["adam"], {}, False),
-        Grid("ngd-fisher", ng, "kl_radius", kl, {}, True),
-    ]
-    if task == "classifier":
-        specs += [
-            Grid("ngd-empirical", ng, "kl_radius", kl, {"curvature": "empirical_fisher"}, True),
-            Grid(
-                "ngd-fisher-mc",
-                ng,
-                "kl_radius",
-                kl,
-                {"curvature": "fisher_mc", "damping": 1e-2},
-                True,
-            ),
-        ]
-    return specs + [
-        Grid("hessian-free", hessian_free_lm, "min_damping", values["min_damping"], {}, True),
-        Grid("kfac", natgrad.kfac, "kl_radius", kl, {}, True),
-    ]
+    values, entries = VALUES[task], lineup.registry()
+    variants = ("ngd-empirical", "ngd-fisher-mc") if task == "classifier" else ()
+    knobs = {"sgd": "learning_rate", "adam": "learning_rate", "hessian-free": "min_damping"}
+    specs = []
+    for name in ("sgd", "adam", "ngd-fisher", *variants, "hessian-free", "kfac"):
+        e, knob = entries[name], knobs.get(name, "kl_radius")
+        fixed = {k: v for k, v in e.chosen.items() if k != knob}
+        fixed |= {"momentum": MOMENTUM} if name == "sgd" else {}
+        factory = hessian_free_lm if name == "hessian-free" else e.factory
+        grid = values.get(name, values.get(knob))  # SGD's and Adam's rates differ
+        specs.append(Grid(name, factory, knob, grid, fixed, e.takes_model))
+    return specs
 
 
 def grid_record(specs: Sequence[Grid]) -> dict[str, dict[str, Any]]:

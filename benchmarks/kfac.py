@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -29,8 +28,8 @@ import jax
 import optax
 
 import natgrad
-from benchmarks.timing import batch, machine, median_seconds, mlp, write_json
-from natgrad import curvature, kronecker, losses, preconditioners, solvers
+from benchmarks.timing import command, machine, median_seconds, setup
+from natgrad import curvature, kronecker, preconditioners, solvers
 from natgrad.experiments import training
 from natgrad.optimizers import defaults
 
@@ -53,9 +52,7 @@ def _optimizers(apply_fn, loss):
 
 
 def bench_steps(sizes, batch_size, rounds: int, period: int) -> dict:
-    params, apply_fn = mlp(sizes, jax.random.PRNGKey(0))
-    data = batch(jax.random.PRNGKey(1), batch_size)
-    loss = losses.softmax_cross_entropy()
+    params, apply_fn, data, loss = setup(sizes, batch_size)
     key = jax.random.PRNGKey(2)
     opts = _optimizers(apply_fn, loss)
     steps = {n: jax.jit(training.make_step(o, apply_fn, loss)) for n, o in opts.items()}
@@ -91,9 +88,7 @@ def bench_steps(sizes, batch_size, rounds: int, period: int) -> dict:
 
 def bench_phases(sizes, batch_size, repeats: int) -> dict:
     """Each phase of a K-FAC step ÷ an SGD step, and their amortised sum."""
-    params, apply_fn = mlp(sizes, jax.random.PRNGKey(0))
-    data = batch(jax.random.PRNGKey(1), batch_size)
-    loss = losses.softmax_cross_entropy()
+    params, apply_fn, data, loss = setup(sizes, batch_size)
     key = jax.random.PRNGKey(2)
     sgd = optax.sgd(0.1)
     sgd_step = jax.jit(training.make_step(sgd, apply_fn, loss))
@@ -142,9 +137,7 @@ def bench_phases(sizes, batch_size, repeats: int) -> dict:
 
 
 def bench_cg(damping: float, tol: float, maxiter: int, num_probes: int) -> dict:
-    params, apply_fn = mlp(SIZES, jax.random.PRNGKey(0))
-    data = batch(jax.random.PRNGKey(1), BATCH_SIZE)
-    loss = losses.softmax_cross_entropy()
+    params, apply_fn, data, loss = setup(SIZES, BATCH_SIZE)
     candidates = {
         "none": None,
         "martens_diagonal": preconditioners.martens_diagonal(),
@@ -208,28 +201,24 @@ def run(quick: bool = False) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/bench")
-    args = parser.parse_args(argv)
-    payload = run(args.quick)
-    path = write_json(args.out, "kfac.json", payload)
+def _show(payload: dict):
     for block in payload["steps"]:
-        print(f"  MLP {block['model']} batch {block['batch_size']}:")
+        yield f"  MLP {block['model']} batch {block['batch_size']}:"
         for name, row in block["optimizers"].items():
             ms, ratio = 1e3 * row["step_seconds"], row["step_over_sgd"]
-            print(f"    {name:26s} {ms:7.2f} ms  step/sgd {ratio:5.2f}")
+            yield f"    {name:26s} {ms:7.2f} ms  step/sgd {ratio:5.2f}"
     for block in payload["phases"]:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in block["phase_over_sgd"].items())
-        print(f"  phases ÷ sgd, MLP {block['model']}: {parts}")
-        print(f"    amortised sum {block['amortised_sum_over_sgd']:.2f}")
+        yield f"  phases ÷ sgd, MLP {block['model']}: {parts}"
+        yield f"    amortised sum {block['amortised_sum_over_sgd']:.2f}"
     for block in payload["cg"]:
-        print(f"  CG to tol {block['tol']:g} at damping {block['damping']:g}:")
+        yield f"  CG to tol {block['tol']:g} at damping {block['damping']:g}:"
         for name, row in block["preconditioners"].items():
-            print(f"    {name:20s} {row['iterations']:5d} iterations ({row['status']})")
-    print(f"wrote {path}")
-    return payload
+            yield f"    {name:20s} {row['iterations']:5d} iterations ({row['status']})"
+
+
+def main(argv=None) -> dict:
+    return command(argv, __doc__, "kfac", run, _show)
 
 
 if __name__ == "__main__":

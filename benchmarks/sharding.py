@@ -38,12 +38,10 @@ def worker(devices: int, batch_size: int, repeats: int) -> dict:
     import jax
 
     import natgrad
-    from benchmarks.timing import batch, median_seconds, mlp
+    from benchmarks.timing import median_seconds, setup
     from natgrad.experiments import training
 
-    loss = natgrad.losses.softmax_cross_entropy()
-    params, apply_fn = mlp((784, 512, 512, 10), jax.random.PRNGKey(0))
-    data = batch(jax.random.PRNGKey(1), batch_size)
+    params, apply_fn, data, loss = setup((784, 512, 512, 10), batch_size)
     opt = natgrad.natural_gradient(apply_fn, loss)
 
     step = jax.jit(training.make_step(opt, apply_fn, loss))

@@ -11,14 +11,12 @@ cost).
 
 from __future__ import annotations
 
-import argparse
 from types import SimpleNamespace
 
 import jax
 
 import natgrad
-from benchmarks.timing import batch, machine, median_seconds, mlp, write_json
-from natgrad import losses
+from benchmarks.timing import command, machine, median_seconds, setup
 from natgrad.experiments import lineup as experiments_lineup
 from natgrad.experiments import training
 
@@ -66,10 +64,8 @@ def seconds_per_step(step, params, state, data, repeats: int, *, key=None) -> fl
 
 
 def bench_model(sizes, batch_size, repeats, names=None) -> dict:
-    params, apply_fn = mlp(sizes, jax.random.PRNGKey(0))
-    data = batch(jax.random.PRNGKey(1), batch_size)
+    params, apply_fn, data, loss = setup(sizes, batch_size)
     key = jax.random.PRNGKey(2)
-    loss = losses.softmax_cross_entropy()
     grad = jax.jit(jax.grad(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1])))
     t_grad = median_seconds(grad, params, data, repeats=repeats)
     rows = {}
@@ -114,15 +110,9 @@ def run(quick: bool = False) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/bench")
-    args = parser.parse_args(argv)
-    payload = run(args.quick)
-    path = write_json(args.out, "steps.json", payload)
+def _show(payload: dict):
     for m in payload["models"]:
-        print(f"MLP {m['model']} batch {m['batch_size']}:")
+        yield f"MLP {m['model']} batch {m['batch_size']}:"
         for name, r in m["optimizers"].items():
             extra = (
                 f"  CG {r['cg_iterations']}  step/grad {r['step_over_grad']:.1f} "
@@ -130,9 +120,11 @@ def main(argv=None) -> dict:
                 if "cg_iterations" in r
                 else ""
             )
-            print(f"  {name:15s} step/sgd {r['step_over_sgd']:6.1f}{extra}")
-    print(f"wrote {path}")
-    return payload
+            yield f"  {name:15s} step/sgd {r['step_over_sgd']:6.1f}{extra}"
+
+
+def main(argv=None) -> dict:
+    return command(argv, __doc__, "steps", run, _show)
 
 
 if __name__ == "__main__":

@@ -46,17 +46,12 @@ class Problem(NamedTuple):
 
 
 def batch_order(num_train: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
-    """Indices of each step's batch, shape (steps, batch_size), int32: a fresh seeded permutation
-    per epoch, the last incomplete batch of each epoch dropped."""
-    per_epoch = num_train // batch_size
-    if per_epoch < 1:
-        raise ValueError(f"batch_size {batch_size} is larger than the training set ({num_train})")
-    rng = np.random.default_rng(seed)
-    epochs = -(-steps // per_epoch)
-    order = [
-        rng.permutation(num_train)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-        for _ in range(epochs)
-    ]
+    """Indices of each step's batch, shape (steps, batch_size), int32: epoch after epoch of
+    `natgrad.experiments.training.batch_order` (a permutation seeded (seed, epoch), the last
+    incomplete batch dropped), as the `natgrad` command trains."""
+    per_epoch = training.steps_per_epoch(num_train, batch_size)
+    epochs = range(-(-steps // per_epoch))
+    order = [training.batch_order(num_train, batch_size, seed, e) for e in epochs]
     return np.concatenate(order)[:steps].astype(np.int32)
 
 

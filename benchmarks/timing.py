@@ -1,20 +1,22 @@
-"""What the benchmarks share: medians of compiled calls, the benchmark MLP and batch, the JSON."""
+"""What the benchmarks share: medians of compiled calls, the benchmark MLP and batch, the JSON and
+the command line of a benchmark module."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 
-from natgrad.experiments import models
+from natgrad.experiments import cli, models
 from natgrad.experiments.report import machine_info as machine
 
-__all__ = ["median_seconds", "mlp", "batch", "machine", "write_json"]
+__all__ = ["median_seconds", "setup", "machine", "write_json", "command", "compilation_cache"]
 
 
 def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
@@ -29,17 +31,23 @@ def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> f
     return statistics.median(samples)
 
 
-def mlp(sizes, key):
-    """(params, apply) of `natgrad.experiments.models.mlp` (He init; layers declared to K-FAC)."""
+def setup(sizes, batch_size: int):
+    """(params, apply_fn, batch, loss): `natgrad.experiments.models.mlp` of `sizes` (He init from
+    PRNGKey(0); layers declared to K-FAC), a batch of uniform [0, 1) inputs with random labels
+    (PRNGKey(1)), float32, and its softmax cross-entropy."""
     model = models.mlp(sizes)
-    return model.init(key), model.apply
+    kx, ky = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.uniform(kx, (batch_size, sizes[0]), jnp.float32)
+    y = jax.random.randint(ky, (batch_size,), 0, sizes[-1])
+    return model.init(jax.random.PRNGKey(0)), model.apply, (x, y), model.loss
 
 
-def batch(key, size, in_dim=784, num_classes=10, dtype=jnp.float32):
-    kx, ky = jax.random.split(key)
-    return jax.random.uniform(kx, (size, in_dim), dtype), jax.random.randint(
-        ky, (size,), 0, num_classes
-    )
+def compilation_cache() -> None:
+    """JAX's persistent compilation cache of the `natgrad` command, only when $NATGRAD_CACHE_DIR is
+    set: by default the benchmarks compile afresh, so that their ``compile_seconds`` measure
+    compilation rather than reads of a cache filled by an earlier run."""
+    if os.environ.get("NATGRAD_CACHE_DIR"):
+        cli.compilation_cache(cli.cache_dir())
 
 
 def write_json(out_dir: str, name: str, payload: dict) -> str:
@@ -48,3 +56,16 @@ def write_json(out_dir: str, name: str, payload: dict) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     return path
+
+
+def command(argv, doc: str, name: str, run: Callable, show: Callable[[dict], Iterable[str]]):
+    """A benchmark module's `main`: ``[--quick] [--out results/bench]``; ``run(quick)``, then
+    ``<name>.json`` written to --out and the lines of `show(payload)` printed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="results/bench")
+    args = parser.parse_args(argv)
+    payload = run(args.quick)
+    path = write_json(args.out, f"{name}.json", payload)
+    print(*show(payload), f"wrote {path}", sep="\n")
+    return payload

@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import time
 
-from benchmarks import grids, workloads
+from benchmarks import grids, timing, workloads
 from benchmarks.targets import first_reach
 from benchmarks.timed_training import batch_order, eval_steps, train
 
@@ -183,6 +183,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
+    timing.compilation_cache()
     mode = "quick" if args.quick else "full"
     args.workloads = args.workloads or list(workloads.MODES[mode]["workloads"])
     unknown = set(args.optimizers) - set(grids.KEYS) or set(args.workloads) - set(
