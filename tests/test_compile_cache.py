@@ -58,3 +58,14 @@ def test_the_cache_directory_and_how_to_turn_it_off(monkeypatch):
     for off in ("off", "", "0"):
         monkeypatch.setenv("NATGRAD_CACHE_DIR", off)
         assert cli.cache_dir() is None
+
+
+def test_importing_natgrad_or_the_benchmarks_leaves_the_jax_configuration_alone(tmp_path):
+    code = (
+        "import jax, natgrad, natgrad.experiments.cli, benchmarks.timing\n"
+        "assert jax.config.jax_compilation_cache_dir is None\n"
+        "assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0  # JAX's default\n"
+    )
+    env = {**os.environ, "NATGRAD_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
