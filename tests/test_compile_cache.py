@@ -42,9 +42,12 @@ def _compare(tmp_path, cache, *flags):
 def test_a_second_run_reads_the_steps_the_first_wrote(tmp_path):
     cache = tmp_path / "jax-cache"
     hits, written, _ = _compare(tmp_path, cache)
-    assert hits == 0 and any("-cache" in name for name in written)  # the step was written
+    steps = [name for name in written if name.startswith("jit_loop_step-")]
+    assert hits == 0 and len(steps) == 1  # the training step was written
+    # Read back, not compiled anew. (Which small programs pass the cache's compile-time
+    # threshold depends on the machine's load, so other entries may come and go.)
     hits, again, _ = _compare(tmp_path, cache)
-    assert hits >= 1 and again == written  # read back, nothing compiled anew
+    assert hits >= 1 and [name for name in again if name.startswith("jit_loop_step-")] == steps
     hits, _, _ = _compare(tmp_path, cache, "--no-compile-cache")
     assert hits == 0
 
