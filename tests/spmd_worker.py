@@ -36,18 +36,62 @@ def apply(params, x):
     return natgrad.layers.dense(params[-1], x)
 
 
+def cnn_init(key):
+    k1, k2 = jax.random.split(key)
+    return {
+        "conv": {"w": jax.random.normal(k1, (3, 3, 2, 4)) / np.sqrt(18), "b": jnp.zeros(4)},
+        "head": {"w": jax.random.normal(k2, (4, 5)) / 2.0, "b": jnp.zeros(5)},
+    }
+
+
+def cnn_apply(params, x):
+    """(B, 6, 6, 2) → conv 3×3 stride 2 → tanh → mean pool → dense: K-FAC's conv2d block."""
+    h = jnp.tanh(natgrad.layers.conv2d(params["conv"], x, strides=(2, 2)))
+    return natgrad.layers.dense(params["head"], jnp.mean(h, axis=(1, 2)))
+
+
+def seq_init(key):
+    return [
+        {"w": jax.random.normal(key, (5, 6)) / np.sqrt(5), "b": jnp.zeros(6)},
+        {
+            "w": jax.random.normal(jax.random.fold_in(key, 1), (6, 5)) / np.sqrt(6),
+            "b": jnp.zeros(5),
+        },
+    ]
+
+
+def seq_apply(params, x):
+    """(B, 4, 5) → dense at each of the 4 positions → tanh → mean → dense: a shared layer."""
+    h = jnp.mean(jnp.tanh(natgrad.layers.dense(params[0], x)), axis=1)
+    return natgrad.layers.dense(params[1], h)
+
+
+# name -> (init, apply, input shape of one example)
+MODELS = {
+    "mlp": (init, apply, (20,)),
+    "cnn": (cnn_init, cnn_apply, (6, 6, 2)),
+    "seq": (seq_init, seq_apply, (4, 5)),
+}
+
+
 def optimizers():
+    """name -> (optimiser, model name)."""
     ng = natgrad.natural_gradient
-    opts = {f"ngd-{c}": ng(apply, LOSS, curvature=c) for c in natgrad.curvature.CURVATURES}
-    opts["ngd-momentum-precond"] = ng(
-        apply, LOSS, momentum=0.5, preconditioner=natgrad.preconditioners.martens_diagonal()
+    opts = {f"ngd-{c}": (ng(apply, LOSS, curvature=c), "mlp") for c in natgrad.curvature.CURVATURES}
+    opts["ngd-momentum-precond"] = (
+        ng(apply, LOSS, momentum=0.5, preconditioner=natgrad.preconditioners.martens_diagonal()),
+        "mlp",
     )
-    opts["hessian-free"] = natgrad.hessian_free(apply, LOSS)
-    opts["kfac"] = natgrad.kfac(apply, LOSS)
+    opts["hessian-free"] = (natgrad.hessian_free(apply, LOSS), "mlp")
+    opts["kfac"] = (natgrad.kfac(apply, LOSS), "mlp")
+    # K-FAC's other blocks: a convolution (KFC), and a dense layer over a sequence axis reduced
+    # (expand is what the conv row computes for its shared pixels).
+    opts["kfac-conv2d"] = (natgrad.kfac(cnn_apply, LOSS), "cnn")
+    opts["kfac-seq-reduce"] = (natgrad.kfac(seq_apply, LOSS, weight_sharing="reduce"), "seq")
     return opts
 
 
-def make_step(opt):
+def make_step(opt, apply):
     def step(params, state, batch, key):
         grads = jax.grad(lambda p: LOSS.mean(apply(p, batch[0]), batch[1]))(params)
         updates, state = opt.update(grads, state, params, batch=batch, key=key)
@@ -65,18 +109,19 @@ def max_diff(a, b):
 
 def main():
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    params = init(jax.random.PRNGKey(0))
-    data = [
-        (
-            jax.random.normal(jax.random.PRNGKey(10 + i), (64, 20)),
-            jax.random.randint(jax.random.PRNGKey(100 + i), (64,), 0, 5),
-        )
-        for i in range(steps)
-    ]
     mesh = sharding.batch_mesh(4)
     report = {"devices": jax.device_count()}
-    for name, opt in optimizers().items():
-        step = make_step(opt)
+    for name, (opt, model) in optimizers().items():
+        init_fn, apply_fn, shape = MODELS[model]
+        params = init_fn(jax.random.PRNGKey(0))
+        data = [
+            (
+                jax.random.normal(jax.random.PRNGKey(10 + i), (64, *shape)),
+                jax.random.randint(jax.random.PRNGKey(100 + i), (64,), 0, 5),
+            )
+            for i in range(steps)
+        ]
+        step = make_step(opt, apply_fn)
         p1, s1 = params, opt.init(params)
         p4, s4 = sharding.replicate(params, mesh), sharding.replicate(opt.init(params), mesh)
         one_step = None
@@ -103,6 +148,12 @@ def main():
             ),
             "param_devices": min(len(leaf.sharding.device_set) for leaf in jax.tree.leaves(p4)),
             "rejected": int(getattr(s4, "rejected_steps", 0)),
+            "kronecker_blocks": {
+                kind: int(count)
+                for kind, count in getattr(
+                    getattr(s4, "preconditioner_state", None), "registered_by_kind", {}
+                ).items()
+            },
         }
     print(json.dumps(report))
 

@@ -11,6 +11,7 @@ The libraries are optional (``natgrad[models]``): a missing one skips its tests.
 import importlib.util
 import os
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -515,3 +516,242 @@ def test_kfac_falls_back_to_diagonal_blocks_on_stock_library_layers(library):
         assert bool(jnp.all(leaf > 0))
     values = [float(LOSS.mean(apply_fn(p, x), y)) for p, _ in [(params, None), *runs]]
     assert all(b < a for a, b in zip(values, values[1:], strict=False)), values
+
+
+# --- K-FAC on convolutions and sequence layers declared in flax and equinox -------------------
+#
+# A small CNN (conv 3×3 SAME → conv 3×3 stride 2 VALID → mean pool → dense) and a sequence
+# model (dense at every token → mean over tokens → dense), each built from the registering
+# layers of docs/model_libraries.md, must take the K-FAC steps of the same network in plain JAX.
+
+IMAGE = (5, 5, 2)  # one NHWC example
+TOKENS = (4, 6)  # one (T, d) example
+
+
+def cnn_plain(params, x):
+    h = jnp.tanh(natgrad.layers.conv2d(params[0], x))
+    h = jnp.tanh(natgrad.layers.conv2d(params[1], h, strides=(2, 2), padding="VALID"))
+    return natgrad.layers.dense(params[2], jnp.mean(h, axis=(1, 2)))
+
+
+def seq_plain(params, x):
+    return natgrad.layers.dense(
+        params[1], jnp.mean(jnp.tanh(natgrad.layers.dense(params[0], x)), 1)
+    )
+
+
+def _flax_conv_layers():
+    from flax import linen as nn
+
+    class Conv(nn.Module):  # nn.Conv's kernel layout, initialiser and call, declared to K-FAC
+        features: int
+        kernel_size: tuple = (3, 3)
+        strides: tuple = (1, 1)
+        padding: str = "SAME"
+        param_dtype: Any = jnp.float32  # as nn.Conv
+
+        @nn.compact
+        def __call__(self, x):
+            shape = (*self.kernel_size, x.shape[-1], self.features)
+            self.param("w", nn.initializers.lecun_normal(), shape, self.param_dtype)
+            self.param("b", nn.initializers.zeros, (self.features,), self.param_dtype)
+            p = self.variables["params"]
+            return natgrad.layers.conv2d(p, x, strides=self.strides, padding=self.padding)
+
+    class Dense(nn.Module):
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+            self.param("b", nn.initializers.normal(0.1), (self.features,))
+            return natgrad.layers.dense(self.variables["params"], x)
+
+    return nn, Conv, Dense
+
+
+def _cnn_flax_linen():
+    pytest.importorskip("flax")
+    nn, Conv, Dense = _flax_conv_layers()
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = jnp.tanh(Conv(3)(x))
+            h = jnp.tanh(Conv(4, strides=(2, 2), padding="VALID")(h))
+            return Dense(3)(jnp.mean(h, axis=(1, 2)))
+
+    model = CNN()
+    params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, *IMAGE)))
+    names = ("Conv_0", "Conv_1", "Dense_0")
+    return model.apply, params, lambda p: [dict(p["params"][n]) for n in names]
+
+
+def _seq_flax_linen():
+    pytest.importorskip("flax")
+    nn, _, Dense = _flax_conv_layers()
+
+    class Sequence(nn.Module):  # Dense acts on (batch, tokens, d) as it is
+        @nn.compact
+        def __call__(self, x):
+            h = jnp.tanh(Dense(5)(x))  # Dense_0 (a module is named when it is built)
+            return Dense(3)(jnp.mean(h, axis=1))
+
+    model = Sequence()
+    params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, *TOKENS)))
+    return model.apply, params, lambda p: [dict(p["params"][f"Dense_{i}"]) for i in range(2)]
+
+
+def _equinox_layers():
+    eqx = pytest.importorskip("equinox")
+
+    class Conv2d(eqx.Module):  # HWC images (eqx.nn.Conv2d is CHW); a {"w", "b"} dict field
+        params: dict
+        strides: tuple = eqx.field(static=True)
+        padding: str = eqx.field(static=True)
+
+        def __init__(self, c_in, c_out, key, strides=(1, 1), padding="SAME"):
+            w = jax.random.normal(key, (3, 3, c_in, c_out)) / jnp.sqrt(9 * c_in)
+            self.params = {"w": w, "b": jnp.zeros(c_out)}
+            self.strides, self.padding = strides, padding
+
+        def __call__(self, x):  # one example under the adapter's vmap: add the batch axis
+            y = natgrad.layers.conv2d(
+                self.params, x[None], strides=self.strides, padding=self.padding
+            )
+            return y[0]
+
+    class Linear(eqx.Module):
+        params: dict
+
+        def __init__(self, m, n, key):
+            kw, kb = jax.random.split(key)
+            w = jax.random.normal(kw, (m, n)) / jnp.sqrt(m)
+            self.params = {"w": w, "b": 0.1 * jax.random.normal(kb, (n,))}
+
+        def __call__(self, x):  # one example: (d,) or (tokens, d); [None] keeps reduce per example
+            return natgrad.layers.dense(self.params, x[None])[0]
+
+    def adapter(model):
+        params, static = eqx.partition(model, eqx.is_array)
+
+        def is_probe(node):
+            return isinstance(node, natgrad.layers.LayerProbe)
+
+        return lambda p, x: jax.vmap(eqx.combine(p, static, is_leaf=is_probe))(x), params
+
+    return eqx, Conv2d, Linear, adapter
+
+
+def _cnn_equinox():
+    eqx, Conv2d, Linear, adapter = _equinox_layers()
+
+    class CNN(eqx.Module):
+        layers: list
+
+        def __init__(self, key):
+            k = jax.random.split(key, 3)
+            self.layers = [
+                Conv2d(2, 3, k[0]),
+                Conv2d(3, 4, k[1], strides=(2, 2), padding="VALID"),
+                Linear(4, 3, k[2]),
+            ]
+
+        def __call__(self, x):
+            h = jnp.tanh(self.layers[0](x))
+            h = jnp.tanh(self.layers[1](h))
+            return self.layers[2](jnp.mean(h, axis=(0, 1)))
+
+    apply_fn, params = adapter(CNN(jax.random.PRNGKey(1)))
+    return apply_fn, params, lambda p: [dict(layer.params) for layer in p.layers]
+
+
+def _seq_equinox():
+    eqx, _, Linear, adapter = _equinox_layers()
+
+    class Sequence(eqx.Module):
+        layers: list
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.layers = [Linear(TOKENS[1], 5, k1), Linear(5, 3, k2)]
+
+        def __call__(self, x):  # x: (tokens, d)
+            return self.layers[1](jnp.mean(jnp.tanh(self.layers[0](x)), axis=0))
+
+    apply_fn, params = adapter(Sequence(jax.random.PRNGKey(1)))
+    return apply_fn, params, lambda p: [dict(layer.params) for layer in p.layers]
+
+
+SHARED_BUILDERS = {
+    "cnn-flax_linen": (_cnn_flax_linen, cnn_plain, IMAGE, "expand", {"dense": 1, "conv2d": 2}),
+    "cnn-equinox": (_cnn_equinox, cnn_plain, IMAGE, "expand", {"dense": 1, "conv2d": 2}),
+    "seq-flax_linen": (_seq_flax_linen, seq_plain, TOKENS, "reduce", {"dense": 2, "conv2d": 0}),
+    "seq-equinox": (_seq_equinox, seq_plain, TOKENS, "reduce", {"dense": 2, "conv2d": 0}),
+}
+
+
+def _kfac_shared_run(apply_fn, params, batch, weight_sharing):
+    opt = natgrad.kfac(apply_fn, LOSS, weight_sharing=weight_sharing)
+
+    def step(params, state, x, y, key):
+        grads = jax.grad(lambda p: LOSS.mean(apply_fn(p, x), y))(params)
+        updates, state = opt.update(grads, state, params, batch=(x, y), key=key)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    compiled = jax.jit(step).lower(params, state, *batch, jax.random.PRNGKey(0))
+    compiled = compiled.compile(FAST_COMPILE)
+    out = []
+    for i in range(KFAC_STEPS):
+        params, state = compiled(params, state, *batch, jax.random.PRNGKey(i))
+        out.append((params, state))
+    return out
+
+
+@pytest.mark.parametrize("model", list(SHARED_BUILDERS))
+def test_kfac_on_library_conv_and_sequence_layers_equals_plain_jax(model):
+    builder, plain_apply, shape, weight_sharing, kinds = SHARED_BUILDERS[model]
+    apply_fn, params, to_plain = builder()
+    params = _cast(params, jnp.float64)
+    plain = to_plain(params)
+    kx, ky = jax.random.split(jax.random.PRNGKey(7))
+    batch = (jax.random.normal(kx, (8, *shape)), jax.random.randint(ky, (8,), 0, 3))
+    np.testing.assert_allclose(
+        apply_fn(params, batch[0]), plain_apply(plain, batch[0]), rtol=1e-12, atol=1e-12
+    )
+    lib_run = _kfac_shared_run(apply_fn, params, batch, weight_sharing)
+    plain_run = _kfac_shared_run(plain_apply, plain, batch, weight_sharing)
+    for (got, lib_state), (want, plain_state) in zip(lib_run, plain_run, strict=True):
+        assert int(lib_state.rejected_steps) == 0
+        counts = lib_state.preconditioner_state.registered_by_kind
+        assert {k: int(v) for k, v in counts.items()} == kinds
+        moved = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(plain), strict=True)
+        )
+        assert moved > 1e-3
+        for g, w in zip(to_plain(got), want, strict=True):
+            for name in ("w", "b"):
+                np.testing.assert_allclose(g[name], w[name], rtol=0, atol=1e-9 * moved)
+        for a, b in zip(
+            jax.tree.leaves(lib_state.preconditioner_state.factors[:2]),
+            jax.tree.leaves(plain_state.preconditioner_state.factors[:2]),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_flax_conv_adapter_initialises_and_computes_like_nn_conv():
+    pytest.importorskip("flax")
+    nn, Conv, _ = _flax_conv_layers()
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, *IMAGE))
+    for kwargs in ({}, {"strides": (2, 2), "padding": "VALID"}):
+        ours, stock = Conv(4, **kwargs), nn.Conv(4, (3, 3), **kwargs)
+        p_ours = ours.init(jax.random.PRNGKey(0), x)["params"]
+        p_stock = stock.init(jax.random.PRNGKey(0), x)["params"]
+        np.testing.assert_array_equal(p_ours["w"], p_stock["kernel"])
+        np.testing.assert_array_equal(p_ours["b"], p_stock["bias"])
+        np.testing.assert_allclose(
+            ours.apply({"params": p_ours}, x), stock.apply({"params": p_stock}, x), rtol=1e-6
+        )

@@ -61,6 +61,13 @@ def test_ten_sharded_steps_equal_ten_on_one_device(report):
         assert row["rejected"] == 0, name
 
 
+def test_kfac_conv_and_shared_dense_blocks_are_sharded_like_the_rest(report):
+    rows = optimizer_rows(report)
+    assert rows["kfac"]["kronecker_blocks"] == {"dense": 2, "conv2d": 0}
+    assert rows["kfac-conv2d"]["kronecker_blocks"] == {"dense": 1, "conv2d": 1}
+    assert rows["kfac-seq-reduce"]["kronecker_blocks"] == {"dense": 2, "conv2d": 0}
+
+
 def test_xla_reduces_across_devices_and_never_gathers_the_batch(report):
     for name, row in optimizer_rows(report).items():
         assert row["all_reduce"] >= 1, name

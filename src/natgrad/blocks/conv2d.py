@@ -87,7 +87,11 @@ def check(layer: Mapping, x) -> None:
 
 def apply(layer: Mapping, x: jax.Array, options: tuple) -> jax.Array:
     strides, padding = options
-    y = lax.conv_general_dilated(x, layer["w"], strides, padding, dimension_numbers=_DIMENSIONS)
+    dtype = jnp.result_type(x, layer["w"])  # promote as `x @ w` does (lax.conv does not)
+    w = layer["w"].astype(dtype)
+    y = lax.conv_general_dilated(
+        x.astype(dtype), w, strides, padding, dimension_numbers=_DIMENSIONS
+    )
     return y if layer.get("b") is None else y + layer["b"]
 
 
