@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-fast bench bench-quick bench-peers bench-peers-quick lint data clean pinn
+.PHONY: demo test test-fast bench bench-quick bench-peers bench-peers-quick kfac-jax-check lint data clean pinn
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ $(PEERS_VENV)/.stamp:
 	$(PYTHON) -m venv $(PEERS_VENV) && $(PEERS_VENV)/bin/python -m pip install -q \
 	  --disable-pip-version-check "jax==0.9.0.1" "jaxlib==0.9.0.1" "kfac-jax==0.0.8" numpy optax tqdm \
 	  && touch $@ || echo "kfac-jax: $(PEERS_VENV) could not be built; its rows will say failed"
+
+# natgrad's conv2d and repeated-dense Kronecker blocks against kfac-jax's (in .venv-peers).
+kfac-jax-check: $(PEERS_VENV)/.stamp
+	PYTHONPATH=src:. $(PEERS_VENV)/bin/python -m benchmarks.kfac_jax_check results/kfac-jax-check.json
 
 bench-peers: $(VENV)/.peers $(PEERS_VENV)/.stamp data
 	$(PY) -m benchmarks.peers --out results

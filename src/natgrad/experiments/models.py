@@ -110,7 +110,7 @@ def cnn(channels: Sequence[int] = (16, 32), num_classes: int = 10, *, declared: 
         )
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], 28, 28, 1)
+        x = x.reshape(x.shape[0], 28, 28, 1).astype(params[0]["w"].dtype)
         for layer in params[:-1]:
             x = jax.nn.relu(conv(layer, x))
             x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
