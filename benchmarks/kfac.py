@@ -37,7 +37,7 @@ SIZES = (784, 128, 10)
 BATCH_SIZE = 128
 MODELS = (((784, 128, 10), 128), ((784, 512, 512, 10), 1024))
 PERIOD = defaults.KFAC_INVERSE_EVERY  # a timed sample holds one inverse refresh
-TARGETS = {(784, 128, 10): 3.0, (784, 512, 512, 10): 1.5}  # issue 14: K-FAC step ÷ SGD step
+TARGETS = {(784, 128, 10): 3.0, (784, 512, 512, 10): 1.5}  # targets for K-FAC step ÷ SGD step
 
 
 def _optimizers(apply_fn, loss):
