@@ -103,7 +103,12 @@ def kfac_jax_product(params, batch, apply, vectors):
 def natgrad_product(params, batch, apply, vectors):
     state = kronecker.init(params)
     stats, registered, _ = kronecker.statistics(
-        apply, losses.softmax_cross_entropy(), params, batch, key=jax.random.PRNGKey(0), curvature="ggn"
+        apply,
+        losses.softmax_cross_entropy(),
+        params,
+        batch,
+        key=jax.random.PRNGKey(0),
+        curvature="ggn",
     )
     state = kronecker.update(state, stats, 0.0, registered, ema_decay=0.0, refresh=False)
     return [kronecker.damped_product(state, 0.0, registered, v) for v in vectors], registered
