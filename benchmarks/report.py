@@ -99,7 +99,7 @@ def _goal_rows(payload: dict) -> list[list[Any]]:
             for kind, what in (("time", "time / Adam's"), ("steps", "steps / SGD+m's")):
                 g = s["goals"][kind]
                 why = _time_split(s, g["natgrad"], "adam") if kind == "time" else ""
-                row = [f"MLP {name}", target, what, g["natgrad"], g["ratio"]]
+                row = [_label(name), target, what, g["natgrad"], g["ratio"]]
                 rows.append(row + [f"≤ {fmt(g['limit'])}", met(g["met"]), why])
     ae = payload.get("autoencoder")
     if ae and ae["summary"]["goals"]:
@@ -128,7 +128,7 @@ def _target_table(summary: dict, unit: str, ratios: dict[str, str]) -> list[str]
 
 def _classifier_section(name: str, task: dict, plot: str | None) -> list[str]:
     lines = [
-        f"### MLP {name}",
+        f"### {_label(name)}",
         "",
         f"Budget per run: {task['step_budget']} steps or {fmt(task['seconds_budget'])} s of "
         f"training; metric: accuracy on the {task['metric'].split('_')[0]} set.",
@@ -139,7 +139,7 @@ def _classifier_section(name: str, task: dict, plot: str | None) -> list[str]:
         ratios = {"seconds_over_adam": "time / Adam", "fewest_steps_over_sgd": "steps / SGD+m"}
         lines += _target_table(s, "steps", ratios)
     if plot:
-        lines += [f"![MLP {name}]({plot})", ""]
+        lines += [f"![{_label(name)}]({plot})", ""]
     return lines
 
 
@@ -165,7 +165,7 @@ def _autoencoder_section(ae: dict, plot: str | None) -> list[str]:
 
 
 def _costs_section(payload: dict) -> list[str]:
-    tasks = {f"MLP {k}": v for k, v in payload["classifier"].items()}
+    tasks = {_label(k): v for k, v in payload["classifier"].items()}
     if payload.get("autoencoder"):
         tasks["autoencoder"] = payload["autoencoder"]
     rows = []
@@ -397,12 +397,17 @@ def plot_task(task: dict, path: str, title: str, *, higher_is_better: bool) -> s
     return plot_curves(series, targets, path, title, ylabel, log_y=not higher_is_better)
 
 
+def _label(name: str) -> str:
+    """A time-to-target classifier's title: "MLP 784-128-10", "CNN 16-32"."""
+    return f"CNN {name[4:]}" if name.startswith("cnn-") else f"MLP {name}"
+
+
 def _plots(payload: dict, out_dir: str) -> dict[str, str]:
     """Plot each task; {task name: PNG file name}."""
     plots = {}
     for name, task in payload["classifier"].items():
-        file = f"time_to_target_mlp_{name}.png"
-        plot_task(task, os.path.join(out_dir, file), f"MLP {name}", higher_is_better=True)
+        file = f"time_to_target_{_label(name).lower().replace(' ', '_')}.png"
+        plot_task(task, os.path.join(out_dir, file), _label(name), higher_is_better=True)
         plots[name] = file
     ae = payload.get("autoencoder")
     if ae and ae["target"] is not None:

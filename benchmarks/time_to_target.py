@@ -48,10 +48,12 @@ SEED = 0
 
 
 class Classifier(NamedTuple):
-    sizes: tuple[int, ...]  # MLP layer widths
+    sizes: tuple[int, ...]  # MLP layer widths, or the CNN's channels
     targets: tuple[float, ...]  # test accuracies to reach
     steps: int  # step budget per run
     seconds: float  # training-time budget per run
+    model: str = "mlp"  # or "cnn" (`natgrad.experiments.models.cnn`)
+    optimizers: tuple[str, ...] | None = None  # None: every optimiser of the grids
 
 
 class Autoencoder(NamedTuple):
@@ -88,6 +90,7 @@ FULL = Settings(
     classifiers=(
         Classifier((784, 128, 10), (0.85, 0.87), steps=5000, seconds=10.0),
         Classifier((784, 512, 512, 10), (0.85, 0.88), steps=3000, seconds=22.0),
+        Classifier((16, 32), (0.88, 0.90), 4000, 60.0, "cnn", ("sgd", "adam", "kfac")),
     ),
     autoencoder=Autoencoder((784, 256, 64, 16, 64, 256, 784), 3000, 20.0, 5000),
     batch_size=128,
@@ -97,7 +100,10 @@ FULL = Settings(
 )
 QUICK = Settings(
     num_train=10_000,
-    classifiers=(Classifier((784, 128, 10), (0.80, 0.83), steps=600, seconds=6.0),),
+    classifiers=(
+        Classifier((784, 128, 10), (0.80, 0.83), steps=600, seconds=6.0),
+        Classifier((16, 32), (0.78, 0.82), 300, 8.0, "cnn", ("sgd", "adam", "kfac")),
+    ),
     autoencoder=Autoencoder((784, 64, 16, 64, 784), 300, 6.0, 1000),
     batch_size=128,
     chunk=10,
@@ -168,22 +174,28 @@ def _progress(label: str, run: dict) -> str:
 
 
 def classifier_task(ds, task: Classifier, settings: Settings) -> dict[str, Any]:
-    """Every optimiser on the MLP `task.sizes`: test-accuracy curves and per-target tables."""
-    model = models.mlp(task.sizes)
+    """Every optimiser on the MLP or CNN `task`: test-accuracy curves and per-target tables.
+
+    On the CNN, K-FAC runs twice: with Kronecker blocks for the convolutions (declared with
+    `natgrad.layers.conv2d`) and, as ``kfac-diagonal-conv``, on the same network computed with
+    plain `lax.conv`, which K-FAC cannot see and gives diagonal blocks.
+    """
+    cnn = task.model == "cnn"
+    model = models.cnn(task.sizes) if cnn else models.mlp(task.sizes)
     problem = workloads.classifier(ds, model.init, model.apply, model.loss)
     order = batch_order(len(ds.x_train), settings.batch_size, task.steps, SEED + 1)
     top = max(task.targets)
-    runs = run_grid(
-        lineup("classifier", settings),
-        settings,
-        problem,
-        order,
-        label=_name(task.sizes),
-        seconds=task.seconds,
-        stop=lambda m: m >= top,
-    )
+    specs = lineup("classifier", settings)
+    specs = [g for g in specs if task.optimizers is None or g.name in task.optimizers]
+    common = dict(label=task.model + "-" + _name(task.sizes), seconds=task.seconds)
+    runs = run_grid(specs, settings, problem, order, stop=lambda m: m >= top, **common)
+    if cnn and any(g.name == "kfac" for g in specs):
+        plain = models.cnn(task.sizes, declared=False)
+        problem = workloads.classifier(ds, plain.init, plain.apply, plain.loss)
+        diagonal = [g._replace(name="kfac-diagonal-conv") for g in specs if g.name == "kfac"]
+        runs += run_grid(diagonal, settings, problem, order, stop=lambda m: m >= top, **common)
     return {
-        "model": list(task.sizes),
+        "model": ([task.model] if cnn else []) + list(task.sizes),
         "metric": "test_accuracy",
         "targets": list(task.targets),
         "step_budget": int(len(order)),
@@ -270,7 +282,10 @@ def run(settings: Settings, dataset, *, mode: str = "custom") -> dict[str, Any]:
         f"time_to_target ({mode}): {ds.name}, {len(ds.x_train)} train / {len(ds.x_test)} test",
         flush=True,
     )
-    classifiers = {_name(c.sizes): classifier_task(ds, c, settings) for c in settings.classifiers}
+    classifiers = {
+        ("cnn-" if c.model == "cnn" else "") + _name(c.sizes): classifier_task(ds, c, settings)
+        for c in settings.classifiers
+    }
     autoencoder = None
     if settings.autoencoder is not None:
         autoencoder = autoencoder_task(ds, settings.autoencoder, settings)

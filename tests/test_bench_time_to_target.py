@@ -295,6 +295,24 @@ def test_every_optimizer_trains_on_the_classifier(tiny_data):
     json.dumps(payload, allow_nan=False)
 
 
+def test_the_cnn_task_runs_kfac_with_and_without_conv_blocks(tmp_path):
+    images = data.synthetic(num_train=64, num_test=32, num_features=784, num_classes=10, seed=0)
+    classifier = ttt.Classifier((2, 3), (0.2, 0.3), 4, 60.0, "cnn", ("adam", "kfac"))
+    settings = tiny_settings(classifiers=(classifier,), autoencoder=None, chunk=2)
+    payload = ttt.run(settings, images, mode="test")
+    cnn = payload["classifier"]["cnn-2-3"]
+    assert cnn["model"] == ["cnn", 2, 3]
+    assert [r["optimizer"] for r in cnn["runs"]] == ["adam", "kfac", "kfac-diagonal-conv"]
+    for run in cnn["runs"]:
+        check_curve(run, 4)
+    json.dumps(payload, allow_nan=False)
+    with open(tmp_path / "time_to_target.json", "w") as f:
+        json.dump(payload, f)
+    report.write(str(tmp_path))
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "### CNN 2-3" in text and "kfac-diagonal-conv" in text
+
+
 def test_report_without_time_to_target_summarises_the_others(tmp_path):
     curvature = {
         "benchmark": "curvature",
