@@ -37,6 +37,7 @@ class Workload(NamedTuple):
     steps: int  # step budget per run
     seconds: float  # training-time budget per run
     note: str = ""
+    conv: bool = False  # has convolutions (trained one step per compiled call)
 
 
 # Per mode: data sizes, seeds, grid points, per workload (batch, targets, steps, seconds), and
@@ -120,4 +121,4 @@ def workload(name: str, ds, mode: str, batch_size: int | None = None) -> Workloa
     else:
         model = models.mlp((784, 128, 10) if name == "mlp" else (784, 512, 512, 10))
     problem = classifier(ds, model.init, model.apply, model.loss)
-    return Workload(problem, batch_size or batch, targets, True, steps, seconds)
+    return Workload(problem, batch_size or batch, targets, True, steps, seconds, conv=name == "cnn")

@@ -34,8 +34,9 @@ SCALING = ("adam", "muon", "natgrad-kfac", "natgrad-natural-gradient")
 
 
 def chunk_size(w: workloads.Workload) -> int:
-    """Steps per compiled call: 10 at batch 128, fewer for big batches (finer stopping)."""
-    return max(1, min(10, 1280 // w.batch_size))
+    """Steps per compiled call: 10 at batch 128, fewer for big batches (finer stopping); 1 for
+    a CNN (`timed_training.make_chunk`: convolutions are slow inside a loop on CPU)."""
+    return 1 if w.conv else max(1, min(10, 1280 // w.batch_size))
 
 
 def loop_options(w: workloads.Workload, order) -> dict:
