@@ -10,7 +10,7 @@ import time
 from benchmarks import timing
 
 # Each module has main(argv) -> dict and writes <name>.json into --out.
-BENCHMARKS = ("curvature", "steps", "kfac", "time_to_target", "sharding")
+BENCHMARKS = ("curvature", "steps", "kfac", "time_to_target", "sharding", "charlm")
 
 
 def main(argv=None) -> int:

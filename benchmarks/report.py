@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ["write", "markdown", "plot_curves", "plot_task", "write_lineup", "verdict", "main"]
 
 REPORT_NAME = "REPORT.md"
-KNOWN = ("time_to_target", "curvature", "steps", "kfac", "sharding")
+KNOWN = ("time_to_target", "curvature", "steps", "kfac", "sharding", "charlm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,11 +326,49 @@ def generic_section(p: dict) -> list[str]:
     return lines
 
 
+def _first(curve, target):
+    """(steps, seconds) of the first evaluation at or below `target`, or (None, None)."""
+    return next(((st, sec) for st, sec, loss in curve if loss <= target), (None, None))
+
+
+def charlm_section(payload: dict) -> list[str]:
+    """The character-level transformer (`benchmarks.charlm`): each optimiser's best grid point
+    against Adam's final loss, and which ends lowest."""
+    runs = {name: e["runs"][e["best"]] for name, e in payload["optimizers"].items()}
+    adam = runs["adam"]
+    target = adam["final_loss"]
+    lines = [
+        f"Transformer (`natgrad.experiments.charlm`: 2 pre-norm blocks, width 64, 4 heads, "
+        f"context 64) on the Python standard library's source, batch {payload['batch']}, "
+        f"{payload['steps']} steps; validation loss in nats per character (lower is better); "
+        f"each optimiser's best of its {len(payload['optimizers']['adam']['runs'])}-point grid. "
+        "Target: Adam's final loss.",
+        "",
+        "| optimiser | best knob | final loss | steps to target | seconds to target "
+        "| step ÷ Adam's | compile s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        knob = payload["optimizers"][name]["knob"]
+        steps, seconds = _first(r["curve"], target)
+        ratio = r["per_step_seconds"] / adam["per_step_seconds"]
+        lines.append(
+            f"| {name} | {knob}={r['value']:g} | {r['final_loss']:.3f} | "
+            f"{steps if steps is not None else 'not reached'} | "
+            f"{'—' if seconds is None else f'{seconds:.1f}'} | {ratio:.2f} | "
+            f"{r['compile_seconds']:.1f} |"
+        )
+    best = min(runs, key=lambda n: runs[n]["final_loss"])
+    lines += ["", f"Lowest final loss: **{best}** ({runs[best]['final_loss']:.3f}).", ""]
+    return lines + ["![charlm](charlm.png)", ""]
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "curvature": ("Curvature products", curvature_section),
     "steps": ("Optimiser steps", steps_section),
     "kfac": ("K-FAC", generic_section),
     "sharding": ("Sharding", sharding_section),
+    "charlm": ("Character-level transformer", charlm_section),
 }
 
 

@@ -79,3 +79,34 @@ def test_transformer_is_causal_and_declares_its_layers():
     )  # qkv, out, up, down, head
     with pytest.raises(ValueError, match="heads"):
         charlm.transformer(width=10, heads=4)
+
+
+def test_charlm_benchmark_run_and_its_report_section():
+    from benchmarks import charlm as bench
+    from benchmarks import report
+
+    model = charlm.transformer(width=8, depth=1, heads=2, length=8)
+    data = charlm.corpus(5000)
+    params = model.init(jax.random.PRNGKey(0))
+    run = bench.run("adam", 1e-3, model, params, data, steps=4, eval_every=2, batch=4)
+    assert [c[0] for c in run["curve"]] == [0, 2, 4]
+    assert run["curve"][0][1] == 0.0 and run["curve"][-1][1] >= run["curve"][1][1]
+    assert run["final_loss"] == run["curve"][-1][2] and not run["diverged"]
+    slower = {
+        **run,
+        "final_loss": run["final_loss"] + 1,
+        "per_step_seconds": 2 * run["per_step_seconds"],
+    }
+    slower["curve"] = [(s, t, loss + 1) for s, t, loss in run["curve"]]
+    payload = {
+        "steps": 4,
+        "batch": 4,
+        "optimizers": {
+            "adam": {"knob": "learning_rate", "runs": [run], "best": 0},
+            "natgrad-kfac-expand": {"knob": "kl_radius", "runs": [slower], "best": 0},
+        },
+    }
+    text = "\n".join(report.charlm_section(payload))
+    assert "| natgrad-kfac-expand | kl_radius=0.001 |" in text
+    assert "not reached" in text and "| 2.00 |" in text
+    assert "Lowest final loss: **adam**" in text
