@@ -120,6 +120,14 @@ def test_conv2d_bad_options_raise_value_error_naming_them(kwargs, name):
         layers.conv2d(params, jnp.ones((1, 5, 5, 2)), **kwargs)
 
 
+def test_conv2d_takes_numpy_integers_and_lists_for_its_options():
+    params = conv_params(jax.random.PRNGKey(0), 3, 3, 2, 3)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 5, 2))
+    got = layers.conv2d(params, x, strides=[np.int64(2), 1], padding=[(1, np.int32(0)), (1, 1)])
+    want = layers.conv2d(params, x, strides=(2, 1), padding=((1, 0), (1, 1)))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_layers_reject_mismatched_params_and_inputs_naming_them():
     conv = conv_params(jax.random.PRNGKey(0), 3, 3, 2, 3)
     with pytest.raises(ValueError, match="x"):

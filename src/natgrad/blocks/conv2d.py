@@ -18,6 +18,7 @@ border as the convolution pads), and g_bt = ∂L/∂y[b, t] the output-gradient 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,33 +43,32 @@ def looks_like(node: Any) -> bool:
     return b is None or jnp.shape(b) == (jnp.shape(w)[3],)
 
 
+def _ints(values, low: int) -> tuple[int, ...] | None:
+    """`values` as Python ints if it is a sequence of integers >= `low` (numpy's too), else None."""
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        return None
+    ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
+    return tuple(int(v) for v in values) if ok and all(v >= low for v in values) else None
+
+
 def options(strides, padding) -> tuple:
     """(strides, padding) validated and made hashable: ((sh, sw), "SAME" | "VALID" | pairs)."""
-    ok = isinstance(strides, Sequence) and len(strides) == 2
-    if not ok or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in strides
-    ):
+    steps = _ints(strides, 1)
+    if steps is None or len(steps) != 2:
         raise ValueError(f"strides: expected two integers >= 1, got {strides!r}")
-    if isinstance(padding, str):
-        if padding not in ("SAME", "VALID"):
-            raise ValueError(
-                f"padding: expected 'SAME', 'VALID' or two (lo, hi) pairs, got {padding!r}"
-            )
-        return tuple(strides), padding
-    try:
-        pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
-        ok = len(pairs) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for pair in padding
-            for v in pair
-        )
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    if isinstance(padding, str) and padding in ("SAME", "VALID"):
+        return steps, padding
+    pairs = (
+        tuple(_ints(pair, 0) for pair in padding)
+        if isinstance(padding, Sequence) and not isinstance(padding, str)
+        else None
+    )
+    if pairs is None or len(pairs) != 2 or any(p is None or len(p) != 2 for p in pairs):
         raise ValueError(
-            f"padding: expected 'SAME', 'VALID' or two (lo, hi) pairs, got {padding!r}"
+            f"padding: expected 'SAME', 'VALID' or two (lo, hi) pairs of integers >= 0, "
+            f"got {padding!r}"
         )
-    return tuple(strides), pairs
+    return steps, pairs
 
 
 def check(layer: Mapping, x) -> None:
