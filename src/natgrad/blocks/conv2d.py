@@ -12,8 +12,6 @@ pixel sees (Grosse & Martens 2016, "KFC"):
 
 so its positions are the Ho·Wo output pixels, the rows of A the patches (zero-padded at the
 border as the convolution pads), and g_bt = ∂L/∂y[b, t] the output-gradient map.
-`lax.conv_general_dilated_patches` orders a patch's features c_in-major
-((c_in, kh, kw)); the patches are transposed to W's (kh, kw, c_in) row order.
 """
 
 from __future__ import annotations
@@ -96,12 +94,24 @@ def apply(layer: Mapping, x: jax.Array, options: tuple) -> jax.Array:
 
 
 def positions(layer: Mapping, x: jax.Array, ct: jax.Array, options: tuple):
-    """The patches a (B, Ho·Wo, kh·kw·c_in) in W's row order and g = ct (B, Ho·Wo, c_out)."""
+    """The patches a (B, Ho·Wo, kh·kw·c_in) in W's row order and g = ct (B, Ho·Wo, c_out).
+
+    The kh·kw strided slices of the padded image, stacked before the channel axis, are the
+    patches already in (kh, kw, c_in) order: no arithmetic, where
+    `lax.conv_general_dilated_patches` (an identity-kernel convolution, features c_in-major)
+    measured 3-10x slower on CPU (e.g. (128, 14, 14, 8), 3x3: 7.7 ms vs 1.3 ms).
+    """
     strides, padding = options
-    kh, kw, c_in, _ = jnp.shape(layer["w"])
-    patches = lax.conv_general_dilated_patches(
-        x, (kh, kw), strides, padding, dimension_numbers=_DIMENSIONS
-    )
-    b = patches.shape[0]
-    a = patches.reshape(b, -1, c_in, kh * kw).swapaxes(-1, -2).reshape(b, -1, kh * kw * c_in)
-    return a, ct.reshape(b, -1, ct.shape[-1])
+    kh, kw = jnp.shape(layer["w"])[:2]
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    b, ho, wo = ct.shape[:3]
+    sh, sw = strides
+    cols = [
+        xp[:, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    a = jnp.stack(cols, axis=3).reshape(b, ho * wo, -1)
+    return a, ct.reshape(b, ho * wo, ct.shape[-1])
