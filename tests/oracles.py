@@ -69,3 +69,13 @@ def gradient(apply_fn, loss, params, batch) -> np.ndarray:
 
 def damped_solve(matrix: np.ndarray, g: np.ndarray, damping: float) -> np.ndarray:
     return np.linalg.solve(matrix + damping * np.eye(len(g)), g)
+
+
+def assert_mean_matches(samples, oracle, z: float = 5.0) -> None:
+    """The mean of `samples` (axis 0) equals `oracle` within `z` standard errors of the mean,
+    entrywise, and the standard error is small enough (a tenth of the oracle's largest entry)
+    for the check to tell a wrong scale."""
+    s = np.asarray(samples)
+    mean, se = s.mean(axis=0), s.std(axis=0, ddof=1) / np.sqrt(s.shape[0])
+    assert np.abs(oracle).max() > 10 * se.max()
+    assert np.all(np.abs(mean - oracle) <= z * se + 1e-10)

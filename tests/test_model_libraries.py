@@ -401,9 +401,9 @@ def dense_mlp(params, x):
     return natgrad.layers.dense(params[-1], x)
 
 
-def _kfac_run(apply_fn, params, batch, num_steps):
+def _kfac_run(apply_fn, params, batch, num_steps, **options):
     """[(params, state)] after each of `num_steps` K-FAC steps, key i at step i."""
-    opt = natgrad.kfac(apply_fn, LOSS)
+    opt = natgrad.kfac(apply_fn, LOSS, **options)
 
     def step(params, state, x, y, key):
         grads = jax.grad(lambda p: LOSS.mean(apply_fn(p, x), y))(params)
@@ -691,24 +691,6 @@ SHARED_BUILDERS = {
 }
 
 
-def _kfac_shared_run(apply_fn, params, batch, weight_sharing):
-    opt = natgrad.kfac(apply_fn, LOSS, weight_sharing=weight_sharing)
-
-    def step(params, state, x, y, key):
-        grads = jax.grad(lambda p: LOSS.mean(apply_fn(p, x), y))(params)
-        updates, state = opt.update(grads, state, params, batch=(x, y), key=key)
-        return optax.apply_updates(params, updates), state
-
-    state = opt.init(params)
-    compiled = jax.jit(step).lower(params, state, *batch, jax.random.PRNGKey(0))
-    compiled = compiled.compile(FAST_COMPILE)
-    out = []
-    for i in range(KFAC_STEPS):
-        params, state = compiled(params, state, *batch, jax.random.PRNGKey(i))
-        out.append((params, state))
-    return out
-
-
 @pytest.mark.parametrize("model", list(SHARED_BUILDERS))
 def test_kfac_on_library_conv_and_sequence_layers_equals_plain_jax(model):
     builder, plain_apply, shape, weight_sharing, kinds = SHARED_BUILDERS[model]
@@ -720,8 +702,8 @@ def test_kfac_on_library_conv_and_sequence_layers_equals_plain_jax(model):
     np.testing.assert_allclose(
         apply_fn(params, batch[0]), plain_apply(plain, batch[0]), rtol=1e-12, atol=1e-12
     )
-    lib_run = _kfac_shared_run(apply_fn, params, batch, weight_sharing)
-    plain_run = _kfac_shared_run(plain_apply, plain, batch, weight_sharing)
+    lib_run = _kfac_run(apply_fn, params, batch, KFAC_STEPS, weight_sharing=weight_sharing)
+    plain_run = _kfac_run(plain_apply, plain, batch, KFAC_STEPS, weight_sharing=weight_sharing)
     for (got, lib_state), (want, plain_state) in zip(lib_run, plain_run, strict=True):
         assert int(lib_state.rejected_steps) == 0
         counts = lib_state.preconditioner_state.registered_by_kind

@@ -12,6 +12,7 @@ tracing), what the layer computes on ordinary parameters, and how one call of it
 * `natgrad.blocks.conv2d`: a 2-D convolution, NHWC / HWIO; the positions are the output
   pixels and a is the image patch each one sees (Grosse & Martens 2016, "KFC").
 
+`natgrad.blocks.weights` has the shared look of their params ({"w", optional "b"});
 `natgrad.blocks.sharing` turns the positions into the two Kronecker factors' sums, with K-FAC
 *expand* or *reduce* over the shared positions (Eschenhagen et al. 2023), and
 `natgrad.blocks.tap` is the one custom-VJP per declared layer call that computes them in its

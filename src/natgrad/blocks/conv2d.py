@@ -24,21 +24,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from natgrad.blocks import weights
+
 __all__ = ["NAME", "looks_like", "options", "check", "apply", "positions"]
 
 NAME = "conv2d"
-_KEYS = frozenset({"w", "b"})
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def looks_like(node: Any) -> bool:
     """{"w": (kh, kw, c_in, c_out)} or with "b": (c_out,), nothing else."""
-    if not isinstance(node, Mapping) or "w" not in node or not set(node) <= _KEYS:
-        return False
-    w, b = node["w"], node.get("b")
-    if jnp.ndim(w) != 4:
-        return False
-    return b is None or jnp.shape(b) == (jnp.shape(w)[3],)
+    return weights.is_weight_dict(node, 4)
 
 
 def _ints(values, low: int) -> tuple[int, ...] | None:

@@ -17,20 +17,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from natgrad.blocks import weights
+
 __all__ = ["NAME", "looks_like", "check", "apply", "positions"]
 
 NAME = "dense"
-_KEYS = frozenset({"w", "b"})
 
 
 def looks_like(node: Any) -> bool:
     """{"w": (m, n)} or {"w": (m, n), "b": (n,)}, nothing else."""
-    if not isinstance(node, Mapping) or "w" not in node or not set(node) <= _KEYS:
-        return False
-    w, b = node["w"], node.get("b")
-    if jnp.ndim(w) != 2:
-        return False
-    return b is None or jnp.shape(b) == (jnp.shape(w)[1],)
+    return weights.is_weight_dict(node, 2)
 
 
 def check(layer: Mapping, x) -> None:
