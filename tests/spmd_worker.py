@@ -66,11 +66,30 @@ def seq_apply(params, x):
     return natgrad.layers.dense(params[1], h)
 
 
+def embed_init(key):
+    return {
+        "embed": {"embedding": jax.random.normal(key, (6, 8))},
+        "norm": {"scale": jnp.ones(8), "bias": jnp.zeros(8)},
+        "head": {
+            "w": jax.random.normal(jax.random.fold_in(key, 1), (8, 5)) / 3.0,
+            "b": jnp.zeros(5),
+        },
+    }
+
+
+def embed_apply(params, x):
+    """(B, 4) floats → token ids in [0, 6) → embedding → layer norm → mean → dense."""
+    ids = jnp.clip(jnp.floor(2 * x + 3), 0, 5).astype(jnp.int32)
+    h = natgrad.layers.layer_norm(params["norm"], natgrad.layers.embedding(params["embed"], ids))
+    return natgrad.layers.dense(params["head"], jnp.mean(h, axis=1))
+
+
 # name -> (init, apply, input shape of one example)
 MODELS = {
     "mlp": (init, apply, (20,)),
     "cnn": (cnn_init, cnn_apply, (6, 6, 2)),
     "seq": (seq_init, seq_apply, (4, 5)),
+    "embed": (embed_init, embed_apply, (4,)),
 }
 
 
@@ -88,6 +107,13 @@ def optimizers():
     # (expand is what the conv row computes for its shared pixels).
     opts["kfac-conv2d"] = (natgrad.kfac(cnn_apply, LOSS), "cnn")
     opts["kfac-seq-reduce"] = (natgrad.kfac(seq_apply, LOSS, weight_sharing="reduce"), "seq")
+    # EKFAC on a dense and a conv net; embeddings and layer norm (their own blocks), with EKFAC.
+    opts["kfac-ekfac"] = (natgrad.kfac(apply, LOSS, eigenvalue_correction=True), "mlp")
+    opts["kfac-ekfac-conv2d"] = (natgrad.kfac(cnn_apply, LOSS, eigenvalue_correction=True), "cnn")
+    opts["kfac-ekfac-embed-norm"] = (
+        natgrad.kfac(embed_apply, LOSS, eigenvalue_correction=True),
+        "embed",
+    )
     return opts
 
 

@@ -63,9 +63,15 @@ def test_ten_sharded_steps_equal_ten_on_one_device(report):
 
 def test_kfac_conv_and_shared_dense_blocks_are_sharded_like_the_rest(report):
     rows = optimizer_rows(report)
-    assert rows["kfac"]["kronecker_blocks"] == {"dense": 2, "conv2d": 0}
-    assert rows["kfac-conv2d"]["kronecker_blocks"] == {"dense": 1, "conv2d": 1}
-    assert rows["kfac-seq-reduce"]["kronecker_blocks"] == {"dense": 2, "conv2d": 0}
+    none = {"dense": 0, "conv2d": 0, "embedding": 0, "scale_shift": 0}
+    assert rows["kfac"]["kronecker_blocks"] == none | {"dense": 2}
+    assert rows["kfac-conv2d"]["kronecker_blocks"] == none | {"dense": 1, "conv2d": 1}
+    assert rows["kfac-seq-reduce"]["kronecker_blocks"] == none | {"dense": 2}
+    # EKFAC, embeddings and layer norm: the equality rows above cover them too.
+    assert rows["kfac-ekfac"]["kronecker_blocks"] == none | {"dense": 2}
+    assert rows["kfac-ekfac-conv2d"]["kronecker_blocks"] == none | {"dense": 1, "conv2d": 1}
+    blocks = none | {"dense": 1, "embedding": 1, "scale_shift": 1}
+    assert rows["kfac-ekfac-embed-norm"]["kronecker_blocks"] == blocks
 
 
 def test_xla_reduces_across_devices_and_never_gathers_the_batch(report):

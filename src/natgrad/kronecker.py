@@ -38,6 +38,15 @@ The steps, one function each:
    of the damped factors; a diagonal block divides by d + λ. `operator` wraps the damped
    approximation as a `natgrad.operators.Operator` whose `inverse()` is this map.
 
+Two kinds fill their own statistics (`natgrad.blocks`): an embedding's A is diagonal (token
+counts / lookups), kept as a vector and inverted elementwise; a scale-and-shift layer has no
+factors, its block being the diagonal block filled with the exact per-example Fisher diagonal
+instead of B ḡ². With EKFAC (`init(..., eigenvalue_correction=True)`, `natgrad.ekfac`) the
+dense and conv blocks are Q diag(s) Qᵀ in K-FAC's eigenbasis: `statistics` also returns the
+per-example scalings s in the state's basis (`Factors.s`, averaged like the factors), a
+refresh recomputes the basis (`KroneckerState.eigenbasis`) instead of those layers' inverses,
+and `apply_inverse` divides by s + λ there.
+
 Every statistic is a sum over the batch, so with the batch sharded over devices XLA reduces
 the factors with one all-reduce each.
 """
@@ -51,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax, tree_util
 
-from natgrad import _tree, blocks, layers
+from natgrad import _tree, blocks, ekfac, layers
 from natgrad.curvature import Curvature, CurvatureOperator, check_batch, resolve
 from natgrad.losses import Loss
 
@@ -76,12 +85,16 @@ PyTree = Any
 
 class Factors(NamedTuple):
     """One A and G per layer-looking dict of the params, in `natgrad.layers.find_layers` order
-    (zeros where unregistered), and the diagonal block `diag` shaped like params (zeros inside
-    registered layers)."""
+    (zeros where unregistered; A a vector when it is diagonal, as for embeddings; empty for
+    scale-and-shift layers), the diagonal block `diag` shaped like params (zeros inside
+    registered Kronecker layers; the exact per-example diagonal of scale-and-shift layers),
+    and with EKFAC the scalings s per layer (in the basis of the last refresh; empty where
+    the layer has no eigenbasis)."""
 
     a: tuple[jax.Array, ...]
     g: tuple[jax.Array, ...]
     diag: PyTree
+    s: tuple[jax.Array, ...] = ()
 
 
 class Inverses(NamedTuple):
@@ -99,6 +112,7 @@ class KroneckerState(NamedTuple):
     registered_layers: jax.Array  # layers with Kronecker blocks in the last update
     inverse_damping: jax.Array  # λ the inverses were computed with
     registered_by_kind: dict  # the same count per kind: {"dense": n, "conv2d": n, ...}
+    eigenbasis: ekfac.Eigenbasis | None = None  # EKFAC's Q_A, Q_G (eigenvalue_correction)
 
 
 def factor_dtype(w) -> jnp.dtype:
@@ -118,15 +132,43 @@ def check_options(ema_decay, inverse_every, statistics_every=1) -> tuple[float, 
     return float(ema_decay), inverse_every, statistics_every
 
 
-def init(params: PyTree) -> KroneckerState:
-    """Zero factors and inverses for every layer-looking dict of `params`."""
+def _node_dtype(node) -> jnp.dtype:
+    return factor_dtype(jax.tree.leaves(node)[0])
+
+
+def _factor_shapes(slot) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A's and G's shapes: (m[+1])² and n², A a vector if diagonal, both empty for diagonal
+    kinds."""
+    if blocks.is_diagonal(slot.kind):
+        return (0, 0), (0, 0)
+    k = slot.m + slot.has_bias
+    a = (k,) if hasattr(blocks.module(slot.kind), "tag_sums") else (k, k)
+    return a, (slot.n, slot.n)
+
+
+def _has_eigenbasis(slot) -> bool:
+    """EKFAC applies to Kronecker blocks built from positions (dense, conv2d)."""
+    return hasattr(blocks.module(slot.kind), "positions")
+
+
+def init(params: PyTree, eigenvalue_correction: bool = False) -> KroneckerState:
+    """Zero factors and inverses for every layer-looking dict of `params` (and with
+    `eigenvalue_correction` an identity eigenbasis and zero scalings, `natgrad.ekfac`)."""
     nodes, _ = layers.flatten(params)
+    slots = layers.find_layers(params)
     a, g = [], []
-    for s in layers.find_layers(params):
-        dtype = factor_dtype(nodes[s.position]["w"])
-        a.append(jnp.zeros((s.m + s.has_bias, s.m + s.has_bias), dtype))
-        g.append(jnp.zeros((s.n, s.n), dtype))
-    factors = Factors(tuple(a), tuple(g), _tree.zeros_like(params))
+    for s in slots:
+        dtype = _node_dtype(nodes[s.position])
+        shape_a, shape_g = _factor_shapes(s)
+        a.append(jnp.zeros(shape_a, dtype))
+        g.append(jnp.zeros(shape_g, dtype))
+    basis, scalings = None, ()
+    if eigenvalue_correction:
+        sizes = [(s.m + s.has_bias, s.n) if _has_eigenbasis(s) else (0, 0) for s in slots]
+        dtypes = [_node_dtype(nodes[s.position]) for s in slots]
+        basis = ekfac.init(sizes, dtypes)
+        scalings = tuple(jnp.zeros(k, dt) for k, dt in zip(sizes, dtypes, strict=True))
+    factors = Factors(tuple(a), tuple(g), _tree.zeros_like(params), scalings)
     zero = jnp.zeros((), jnp.int32)
     return KroneckerState(
         zero,
@@ -136,6 +178,7 @@ def init(params: PyTree) -> KroneckerState:
         zero,
         jnp.zeros((), jnp.float32),
         {kind: zero for kind in blocks.KINDS},
+        basis,
     )
 
 
@@ -159,12 +202,14 @@ def statistics(
     key: jax.Array | None,
     curvature: str | Curvature = "fisher_mc",
     weight_sharing: str = "expand",
+    eigenbasis: ekfac.Eigenbasis | None = None,
 ) -> tuple[Factors, tuple[bool, ...], jax.Array]:
     """This batch's factors, which layer-looking dicts the model registered, and its outputs.
 
     `registered` is static (known at trace time): slot l is True when the model passed that
-    dict to `natgrad.layers.dense` / `natgrad.layers.conv2d`. `weight_sharing` is "expand" or
-    "reduce" (`natgrad.blocks.sharing`).
+    dict to its `natgrad.layers` function. `weight_sharing` is "expand" or "reduce"
+    (`natgrad.blocks.sharing`). With an `eigenbasis` (EKFAC) the factors also carry this
+    batch's scalings s = (1/B) Σ_b (Q_Aᵀ ∇W̄_b Q_G)² in it.
     """
     curvature = resolve(curvature)
     if key is None and curvature.name != "empirical_fisher":
@@ -172,17 +217,17 @@ def statistics(
     inputs, targets = check_batch(batch)
     slots = layers.find_layers(params)
     nodes, _ = layers.flatten(params)
+    bases = None
+    if eigenbasis is not None:
+        bases = [(qa, qg) if qa.size else () for qa, qg in zip(*eigenbasis[:2], strict=True)]
     tags = tuple(
-        (
-            jnp.zeros((s.m + 1, s.m + 1), factor_dtype(nodes[s.position]["w"])),
-            jnp.zeros((s.n, s.n), factor_dtype(nodes[s.position]["w"])),
-        )
-        for s in slots
+        _tags(s, nodes[s.position], bases is not None and bool(bases[i]))
+        for i, s in enumerate(slots)
     )
     record = layers.Record()
 
     def model(tags, p):
-        return apply_fn(layers.instrument(p, tags, record, weight_sharing), inputs)
+        return apply_fn(layers.instrument(p, tags, record, weight_sharing, bases), inputs)
 
     outputs, vjp_fn = jax.vjp(model, tags, params)  # traces the model: `record` is now filled
     registered = tuple(slot in record.used for slot in range(len(slots)))
@@ -198,35 +243,76 @@ def statistics(
         signs = jax.random.rademacher(k_signs, cts.shape[:2], cts.dtype)
         cts = cts * signs.reshape(*signs.shape, *(1,) * (cts.ndim - 2))
         tag_cts, param_cts = jax.vmap(vjp_fn)(cts)
-        a_sums = [t[0][0] for t in tag_cts]  # Σ ā āᵀ does not depend on the cotangent
-        g_sums = [jnp.sum(t[1], axis=0) for t in tag_cts]
+        # Σ ā āᵀ (and token counts) do not depend on the cotangent; every other sum adds up
+        # over the K columns.
+        tag_cts = [
+            tuple(jnp.sum(u, axis=0) for u in t)
+            if blocks.is_diagonal(s.kind)
+            else (t[0][0], *(jnp.sum(u, axis=0) for u in t[1:]))
+            for s, t in zip(slots, tag_cts, strict=True)
+        ]
         square = lambda c: jnp.sum(jnp.square(c), axis=0)  # noqa: E731
     else:
         tag_cts, param_cts = vjp_fn(cts[0])
-        a_sums = [t[0] for t in tag_cts]
-        g_sums = [t[1] for t in tag_cts]
         square = jnp.square
 
-    a, g = [], []
-    for s, a_sum, g_sum, used in zip(slots, a_sums, g_sums, registered, strict=True):
-        rows = a_sum[-1, -1]  # Σ 1·1: the number of rows the layer saw
-        a_l = a_sum if s.has_bias else a_sum[: s.m, : s.m]
-        a_l = a_l / jnp.maximum(rows, 1)
-        a.append(a_l if used else jnp.zeros_like(a_l))
-        g.append(g_sum / batch_size if used else jnp.zeros_like(g_sum))
+    a, g, scalings, exact = [], [], [], {}
+    for i, (s, t, used) in enumerate(zip(slots, tag_cts, registered, strict=True)):
+        if blocks.is_diagonal(s.kind):  # the block is the diagonal: no factors
+            a.append(jnp.zeros((0, 0), t[0].dtype))
+            g.append(jnp.zeros((0, 0), t[0].dtype))
+            if used:
+                exact[s.position] = [u / batch_size for u in t]
+        else:
+            a_l = _input_factor(s, t[0])
+            a.append(a_l if used else jnp.zeros_like(a_l))
+            g.append(t[1] / batch_size if used else jnp.zeros_like(t[1]))
+        if eigenbasis is not None:
+            shape = (eigenbasis.q_a[i].shape[0], eigenbasis.q_g[i].shape[0])
+            has = bool(bases[i]) and used
+            scalings.append(t[2] / batch_size if has else jnp.zeros(shape, t[0].dtype))
 
     covered = {s.position for s, used in zip(slots, registered, strict=True) if used}
     # Vmapped cotangents carry a leading K axis.
     first = (lambda c: c[0]) if many else (lambda c: c)  # noqa: E731
-    ct_nodes, treedef = layers.flatten(param_cts)
-    diag_nodes = [
-        jax.tree.map(lambda c: jnp.zeros_like(first(c)), node)
-        if i in covered
-        else jax.tree.map(lambda c: square(c) / batch_size, node)
-        for i, node in enumerate(ct_nodes)
-    ]
+    # Up to the params' own nodes: vmapped cotangents (a leading K axis) no longer look like
+    # layers, and `layers.flatten` would split them into leaves, out of step with the slots.
+    _, treedef = layers.flatten(params)
+    ct_nodes = treedef.flatten_up_to(param_cts)
+    diag_nodes = []
+    for i, node in enumerate(ct_nodes):
+        if i in exact:  # sorted keys, as the node's leaves
+            leaves = [
+                u.astype(first(c).dtype)
+                for u, c in zip(exact[i], jax.tree.leaves(node), strict=True)
+            ]
+            diag_nodes.append(tree_util.tree_unflatten(tree_util.tree_structure(node), leaves))
+        elif i in covered:
+            diag_nodes.append(jax.tree.map(lambda c: jnp.zeros_like(first(c)), node))
+        else:
+            diag_nodes.append(jax.tree.map(lambda c: square(c) / batch_size, node))
     diag = tree_util.tree_unflatten(treedef, diag_nodes)
-    return Factors(tuple(a), tuple(g), diag), registered, outputs
+    return Factors(tuple(a), tuple(g), diag, tuple(scalings)), registered, outputs
+
+
+def _tags(slot, node, scalings: bool) -> tuple[jax.Array, ...]:
+    """Zero tags of one layer: its kind's own (`tag_shapes`), or A's (m+1)² and G's n², plus
+    EKFAC's scalings tag (Q_A's size, n) when `scalings`."""
+    dtype = _node_dtype(node)
+    kind = blocks.module(slot.kind)
+    if hasattr(kind, "tag_shapes"):
+        return tuple(jnp.zeros(shape, dtype) for shape in kind.tag_shapes(node))
+    tags = (jnp.zeros((slot.m + 1, slot.m + 1), dtype), jnp.zeros((slot.n, slot.n), dtype))
+    return (*tags, jnp.zeros((slot.m + slot.has_bias, slot.n), dtype)) if scalings else tags
+
+
+def _input_factor(slot, a_sum: jax.Array) -> jax.Array:
+    """A from its sum: divided by the rows the layer saw (the homogeneous corner Σ 1·1, or the
+    token count of a diagonal A), without the bias row and column when there is no bias."""
+    if a_sum.ndim == 1:
+        return a_sum / jnp.maximum(jnp.sum(a_sum), 1)
+    a = a_sum if slot.has_bias else a_sum[: slot.m, : slot.m]
+    return a / jnp.maximum(a_sum[-1, -1], 1)
 
 
 def update(
@@ -242,13 +328,12 @@ def update(
     boolean `refresh` (may be traced) is true."""
     t = state.updates
     factors = _tree.moving_average(state.factors, stats, ema_decay, t)
-    inverses = lax.cond(
-        refresh, lambda: _invert(factors, damping, registered), lambda: state.inverses
-    )
+    factors, inverses, basis = _refresh(state, factors, damping, registered, refresh)
     return state._replace(
         updates=t + 1,
         factors=factors,
         inverses=inverses,
+        eigenbasis=basis,
         registered_layers=jnp.asarray(sum(registered), jnp.int32),
         registered_by_kind=count_by_kind(layers.find_layers(state.factors.diag), registered),
         inverse_damping=_refreshed_damping(state, damping, refresh),
@@ -256,13 +341,36 @@ def update(
 
 
 def refresh_inverses(state: KroneckerState, damping, registered, refresh) -> KroneckerState:
-    """The inverses recomputed from the current averages when `refresh`, else unchanged."""
-    inverses = lax.cond(
-        refresh, lambda: _invert(state.factors, damping, registered), lambda: state.inverses
-    )
+    """The inverses (and EKFAC's eigenbasis) recomputed from the current averages when
+    `refresh`, else unchanged."""
+    factors, inverses, basis = _refresh(state, state.factors, damping, registered, refresh)
     return state._replace(
-        inverses=inverses, inverse_damping=_refreshed_damping(state, damping, refresh)
+        factors=factors,
+        inverses=inverses,
+        eigenbasis=basis,
+        inverse_damping=_refreshed_damping(state, damping, refresh),
     )
+
+
+def _refresh(state: KroneckerState, factors: Factors, damping, registered, refresh):
+    """(factors, inverses, eigenbasis) after a refresh when `refresh`: K-FAC's damped inverses
+    for the layers without an eigenbasis; for those with one, a new basis from eigh of A and G
+    and the scalings carried into it (`natgrad.ekfac.refresh`)."""
+    basis = state.eigenbasis
+    eigen = (
+        tuple(False for _ in registered) if basis is None else tuple(q.size > 0 for q in basis.q_a)
+    )
+    kfac_used = tuple(u and not e for u, e in zip(registered, eigen, strict=True))
+
+    def refreshed():
+        inverses = _invert(factors, damping, kfac_used)
+        if basis is None:
+            return factors, inverses, basis
+        use = tuple(u and e for u, e in zip(registered, eigen, strict=True))
+        new_basis, s = ekfac.refresh(basis, factors.a, factors.g, factors.s, use)
+        return factors._replace(s=s), inverses, new_basis
+
+    return lax.cond(refresh, refreshed, lambda: (factors, state.inverses, basis))
 
 
 def _refreshed_damping(state: KroneckerState, damping, refresh) -> jax.Array:
@@ -284,12 +392,26 @@ def pi_damping(a: jax.Array, g: jax.Array, damping) -> tuple[jax.Array, jax.Arra
     π = 1 when either trace is zero or π is not finite (a dead layer: nothing to balance),
     so the damping never overflows.
     """
-    ta, tg = jnp.trace(a) / a.shape[0], jnp.trace(g) / g.shape[0]
+    ta, tg = _mean_eigenvalue(a), _mean_eigenvalue(g)
     ok = (ta > 0) & (tg > 0)
     pi = jnp.sqrt(jnp.where(ok, ta, 1.0) / jnp.where(ok, tg, 1.0))
     pi = jnp.where(jnp.isfinite(pi) & (pi > 0), pi, 1.0)
     root = jnp.sqrt(jnp.asarray(damping, a.dtype))
     return pi * root, root / pi
+
+
+def _mean_eigenvalue(a: jax.Array) -> jax.Array:
+    """tr A / dim A, A given by its diagonal when it is a vector."""
+    return jnp.mean(a) if a.ndim == 1 else jnp.trace(a) / a.shape[0]
+
+
+def _add_identity(a: jax.Array, d) -> jax.Array:
+    return a + d if a.ndim == 1 else a + d * jnp.eye(a.shape[0], dtype=a.dtype)
+
+
+def _left(a: jax.Array, v: jax.Array) -> jax.Array:
+    """A V, A given by its diagonal when it is a vector."""
+    return a[:, None] * v if a.ndim == 1 else a @ v
 
 
 def _spd_inverse(m: jax.Array) -> jax.Array:
@@ -298,7 +420,10 @@ def _spd_inverse(m: jax.Array) -> jax.Array:
     LU (`jnp.linalg.inv`) rather than Cholesky + two triangular solves: on XLA's CPU backend the
     latter measured 29-571 ms for a 785 × 785 float32 factor (erratic under load), LU a steady
     27-37 ms; the factors are damped, so LU's lack of pivot-free SPD guarantees costs nothing.
+    A diagonal factor (a vector) is inverted elementwise.
     """
+    if m.ndim == 1:
+        return 1 / m
     inv = jnp.linalg.inv(m)
     return 0.5 * (inv + inv.T)
 
@@ -306,13 +431,13 @@ def _spd_inverse(m: jax.Array) -> jax.Array:
 def _invert(factors: Factors, damping, registered) -> Inverses:
     a_inv, g_inv = [], []
     for a, g, used in zip(factors.a, factors.g, registered, strict=True):
-        if not used:
+        if not used or a.size == 0:
             a_inv.append(jnp.zeros_like(a))
             g_inv.append(jnp.zeros_like(g))
             continue
         da, dg = pi_damping(a, g, damping)
-        a_inv.append(_spd_inverse(a + da * jnp.eye(a.shape[0], dtype=a.dtype)))
-        g_inv.append(_spd_inverse(g + dg * jnp.eye(g.shape[0], dtype=g.dtype)))
+        a_inv.append(_spd_inverse(_add_identity(a, da)))
+        g_inv.append(_spd_inverse(_add_identity(g, dg)))
     return Inverses(tuple(a_inv), tuple(g_inv))
 
 
@@ -321,20 +446,25 @@ def _blockwise(vec, diag, damping, registered, kron: Callable, scale: Callable) 
     elsewhere, d the diagonal block."""
     nodes, treedef = layers.flatten(vec)
     diag_nodes, _ = layers.flatten(diag)
-    found = {s.position: (slot, s) for slot, s in enumerate(layers.find_layers(vec))}
+    found = {
+        s.position: (slot, s)
+        for slot, s in enumerate(layers.find_layers(vec))
+        if registered[slot] and not blocks.is_diagonal(s.kind)
+    }
     lam = jnp.asarray(damping)
     out = []
     for i, (node, d) in enumerate(zip(nodes, diag_nodes, strict=True)):
-        if i in found and registered[found[i][0]]:
+        if i in found:
             slot, s = found[i]
-            w = node["w"]
+            key = blocks.weight_key(s.kind)
+            w = node[key]
             v = w.reshape(s.m, s.n)
             v = jnp.concatenate([v, node["b"][None]], axis=0) if s.has_bias else v
             u = kron(slot, v)
             new = (
-                {"w": u[: s.m].reshape(w.shape), "b": u[s.m]}
+                {key: u[: s.m].reshape(w.shape), "b": u[s.m]}
                 if s.has_bias
-                else {"w": u.reshape(w.shape)}
+                else {key: u.reshape(w.shape)}
             )
             leaves = [new[k].astype(w.dtype) for k in sorted(node)]
             out.append(tree_util.tree_unflatten(tree_util.tree_structure(node), leaves))
@@ -344,28 +474,35 @@ def _blockwise(vec, diag, damping, registered, kron: Callable, scale: Callable) 
 
 
 def apply_inverse(state: KroneckerState, damping, registered, vec: PyTree) -> PyTree:
-    """(K-FAC + damping)⁻¹ vec: A⁻¹ V G⁻¹ per registered layer, r / (d + λ) elsewhere."""
-    inv = state.inverses
+    """(K-FAC + damping)⁻¹ vec: A⁻¹ V G⁻¹ per registered layer (EKFAC's
+    Q_A [(Q_Aᵀ V Q_G) / (s + λ)] Q_Gᵀ where it has an eigenbasis), r / (d + λ) elsewhere."""
+    inv, basis = state.inverses, state.eigenbasis
+
+    def kron(slot, v):
+        if basis is not None and basis.q_a[slot].size:
+            return ekfac.apply_inverse(
+                v, basis.q_a[slot], basis.q_g[slot], state.factors.s[slot], damping
+            )
+        return _left(inv.a[slot], v.astype(inv.a[slot].dtype)) @ inv.g[slot]
+
     return _blockwise(
-        vec,
-        state.factors.diag,
-        damping,
-        registered,
-        lambda slot, v: inv.a[slot] @ v.astype(inv.a[slot].dtype) @ inv.g[slot],
-        lambda r, d: r / d.astype(r.dtype),
+        vec, state.factors.diag, damping, registered, kron, lambda r, d: r / d.astype(r.dtype)
     )
 
 
 def damped_product(state: KroneckerState, damping, registered, vec: PyTree) -> PyTree:
     """(K-FAC + damping) vec: (A + π√λ I) V (G + √λ/π I) per registered layer, (d + λ) r
     elsewhere; the current averages, not the (possibly older) inverses."""
-    f = state.factors
+    f, basis = state.factors, state.eigenbasis
 
     def kron(slot, v):
+        if basis is not None and basis.q_a[slot].size:
+            return ekfac.damped_product(v, basis.q_a[slot], basis.q_g[slot], f.s[slot], damping)
         a, g = f.a[slot], f.g[slot]
         da, dg = pi_damping(a, g, damping)
         v = v.astype(a.dtype)
-        return (a @ v + da * v) @ g + dg * (a @ v + da * v)
+        av = _left(a, v) + da * v
+        return av @ g + dg * av
 
     return _blockwise(vec, f.diag, damping, registered, kron, lambda r, d: r * d.astype(r.dtype))
 

@@ -5,8 +5,15 @@ r"""Layers the model declares, so K-FAC can see them without tracing the graph.
 * ``conv2d(params, x, *, strides=(1, 1), padding="SAME")``: a 2-D convolution on NHWC images,
   ``params = {"w": (kh, kw, c_in, c_out), "b": (c_out,)}`` (flax's HWIO kernel layout).
 
-"b" is optional in both. Called on ordinary params they are plain JAX (``x @ w + b``; flax
-``nn.Conv``'s `lax.conv_general_dilated`), so swapping them in changes no result.
+* ``scale_shift(params, x)``: y = x ⊙ scale + bias, ``params = {"scale": (d,), "bias": (d,)}``
+  (either optional; flax's names), and ``layer_norm(params, x, eps=1e-6)`` built on it: a
+  normalisation layer's affine parameters, whose block is the exact Fisher diagonal.
+* ``embedding(params, ids)``: y = E[ids], ``params = {"embedding": E (vocab, d)}`` (flax's
+  name), whose block has a diagonal A of token counts.
+
+"b" is optional in dense and conv2d. Called on ordinary params every layer is plain JAX
+(``x @ w + b``; flax ``nn.Conv``'s `lax.conv_general_dilated`; ``x * scale + bias``;
+``E[ids]``), so swapping them in changes no result.
 
 How K-FAC instruments them (`natgrad.kronecker`): it calls the model with params in which every
 dict that looks like a layer of a known kind (`natgrad.blocks`: a Mapping with a 2-D "w" for
@@ -20,9 +27,11 @@ When ``dense`` or ``conv2d`` receives a probe it computes the layer through one 
     Σ ā āᵀ  over the layer's positions, ā = [a, 1] (a homogeneous coordinate for the bias),
     Σ g gᵀ  over its output gradients g = ∂L/∂y,
 
-expanded or reduced over shared positions (`natgrad.blocks.sharing`). So one VJP of the model,
-with respect to the tags, returns both Kronecker factors' sums of every registered layer. The
-tags have fixed shapes known from W alone, so nothing needs discovering first.
+expanded or reduced over shared positions (`natgrad.blocks.sharing`); embeddings and
+scale-and-shift layers fill their own tags (token counts; per-example squared gradients). So
+one VJP of the model, with respect to the tags, returns both Kronecker factors' sums of every
+registered layer. The tags have fixed shapes known from the params alone, so nothing needs
+discovering first.
 
 Which probes were consumed is noted on the probe's `Record` while the model is traced (a Python
 set owned by the one K-FAC call that made the probes; no global state). A layer-looking dict
@@ -53,11 +62,16 @@ from jax import tree_util
 from natgrad import blocks
 from natgrad.blocks import conv2d as conv2d_kind
 from natgrad.blocks import dense as dense_kind
+from natgrad.blocks import embedding as embedding_kind
+from natgrad.blocks import scale_shift as scale_shift_kind
 from natgrad.blocks import sharing, tap
 
 __all__ = [
     "dense",
     "conv2d",
+    "scale_shift",
+    "layer_norm",
+    "embedding",
     "LayerProbe",
     "DenseProbe",
     "Record",
@@ -93,6 +107,37 @@ def conv2d(params: Mapping, x: jax.Array, *, strides=(1, 1), padding="SAME") -> 
     return conv2d_kind.apply(params, x, options)
 
 
+def scale_shift(params: Mapping, x: jax.Array) -> jax.Array:
+    """y = x * params["scale"] + params["bias"] (either optional; one shape, x's trailing axes):
+    the affine part of a normalisation layer. K-FAC gives it the exact diagonal of the Fisher
+    from per-example gradients (`natgrad.blocks.scale_shift`)."""
+    if isinstance(params, LayerProbe):
+        return params.call(scale_shift_kind.NAME, x, ())
+    scale_shift_kind.check(params, x)
+    return scale_shift_kind.apply(params, x)
+
+
+def layer_norm(params: Mapping, x: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+    """Layer normalisation over the last axis, (x − mean) / sqrt(var + eps), then
+    `scale_shift(params, ·)`: flax ``nn.LayerNorm(epsilon=eps)`` with the same parameters
+    {"scale": (d,), "bias": (d,)}."""
+    if not scale_shift_kind.looks_like(params):
+        scale_shift_kind.check(params, x)  # raises, naming params
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return scale_shift(params, (x - mean) * jax.lax.rsqrt(var + eps))
+
+
+def embedding(params: Mapping, ids: jax.Array) -> jax.Array:
+    """y = params["embedding"][ids], E of shape (vocab, d) (flax ``nn.Embed``'s name): the rows
+    of the table for integer `ids` of any shape. K-FAC's block has a diagonal A of token counts
+    (`natgrad.blocks.embedding`)."""
+    if isinstance(params, LayerProbe):
+        return params.call(embedding_kind.NAME, ids, ())
+    embedding_kind.check(params, ids)
+    return embedding_kind.apply(params, ids)
+
+
 def is_layer_params(node: Any) -> bool:
     """Whether `node` looks like the params of a layer kind K-FAC knows (`natgrad.blocks`)."""
     return blocks.kind_of(node) is not None
@@ -121,11 +166,7 @@ def find_layers(params: PyTree) -> tuple[Slot, ...]:
     for i, node in enumerate(nodes):
         kind = blocks.kind_of(node)
         if kind is not None:
-            shape = jnp.shape(node["w"])
-            m = 1
-            for d in shape[:-1]:
-                m *= int(d)
-            slots.append(Slot(i, kind, m, int(shape[-1]), "b" in node))
+            slots.append(Slot(i, kind, *blocks.matrix_shape(kind, node)))
     return tuple(slots)
 
 
@@ -155,12 +196,19 @@ class LayerProbe(Mapping):
     when they receive one."""
 
     def __init__(
-        self, layer: Mapping, tags, record: Record, slot: int, weight_sharing: str = "expand"
+        self,
+        layer: Mapping,
+        tags,
+        record: Record,
+        slot: int,
+        weight_sharing: str = "expand",
+        basis: tuple = (),
     ):
         self.layer = dict(layer)
         self.tags = tuple(tags)
         self.record, self.slot = record, slot
         self.weight_sharing = weight_sharing
+        self.basis = tuple(basis)  # EKFAC's (Q_A, Q_G), or ()
 
     @property
     def a_tag(self):
@@ -175,7 +223,7 @@ class LayerProbe(Mapping):
         blocks.module(kind).check(self.layer, x)
         self.record.used.add(self.slot)
         spec = blocks.Spec(kind, self.weight_sharing, options)
-        return tap.tapped(spec)(self.layer, x, self.tags)
+        return tap.tapped(spec)(self.layer, x, self.tags, self.basis)
 
     def __getitem__(self, key):
         return self.layer[key]
@@ -188,27 +236,32 @@ class LayerProbe(Mapping):
 
     def tree_flatten(self):
         keys = tuple(sorted(self.layer))
-        children = (tuple(self.layer[k] for k in keys), self.tags)
+        children = (tuple(self.layer[k] for k in keys), self.tags, self.basis)
         return children, (keys, self.record, self.slot, self.weight_sharing)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         keys, record, slot, weight_sharing = aux
-        values, tags = children
-        return cls(dict(zip(keys, values, strict=True)), tags, record, slot, weight_sharing)
+        values, tags, basis = children
+        layer = dict(zip(keys, values, strict=True))
+        return cls(layer, tags, record, slot, weight_sharing, basis)
 
 
 DenseProbe = LayerProbe  # the name before convolutions had blocks
 
 
-def instrument(params: PyTree, tags, record: Record, weight_sharing: str = "expand") -> PyTree:
+def instrument(
+    params: PyTree, tags, record: Record, weight_sharing: str = "expand", bases=None
+) -> PyTree:
     """`params` with the layer-looking dicts replaced by probes carrying `tags` (one tuple
-    (A-tag, G-tag, …) per dict, in `find_layers` order) that note their use in `record`."""
+    (A-tag, G-tag, …) per dict, in `find_layers` order) that note their use in `record`;
+    `bases`, one () or EKFAC (Q_A, Q_G) per dict, rides along to the taps."""
     weight_sharing = sharing.check(weight_sharing)
     nodes, treedef = flatten(params)
     slot = 0
     for i, node in enumerate(nodes):
         if is_layer_params(node):
-            nodes[i] = LayerProbe(node, tags[slot], record, slot, weight_sharing)
+            basis = () if bases is None else bases[slot]
+            nodes[i] = LayerProbe(node, tags[slot], record, slot, weight_sharing, basis)
             slot += 1
     return tree_util.tree_unflatten(treedef, nodes)

@@ -268,6 +268,7 @@ def kfac(
     statistics_every: int = 5,
     fisher_type: str | None = None,
     weight_sharing: str = "expand",
+    eigenvalue_correction: bool = False,
 ) -> Preconditioner:
     """K-FAC's block-diagonal approximation of C + λI, inverted (see `natgrad.kronecker`).
 
@@ -291,9 +292,21 @@ def kfac(
     Layers on plain vectors get the same factors either way. The default is expand because it
     is the established K-FAC for convolutions and sequence models, and it stays exact for any
     per-position loss, while reduce is the opt-in saving for pooled architectures.
+
+    ``eigenvalue_correction=True`` is EKFAC (George et al. 2018; `natgrad.ekfac`): for dense and
+    convolution layers, the eigenbasis Q_A ⊗ Q_G of the factors (eigh at every refresh) with the
+    per-coordinate second moments of the per-example gradients re-estimated in it at every
+    statistics step (a moving average like the factors'), damped as s + λ (plain Tikhonov, no
+    π); weight-shared layers sum a example's positions before squaring, whatever
+    `weight_sharing` made of the basis. Embeddings keep their K-FAC blocks (a diagonal A has
+    the identity as eigenbasis already) and scale-and-shift layers their exact diagonal.
     """
     kind = kfac_curvature(curvature, fisher_type)
     weight_sharing = sharing.check(weight_sharing)
+    if not isinstance(eigenvalue_correction, bool):
+        raise ValueError(
+            f"eigenvalue_correction: expected True or False, got {eigenvalue_correction!r}"
+        )
     ema_decay, inverse_every, statistics_every = kronecker.check_options(
         ema_decay, inverse_every, statistics_every
     )
@@ -313,6 +326,7 @@ def kfac(
                 key=key,
                 curvature=kind,
                 weight_sharing=weight_sharing,
+                eigenbasis=state.eigenbasis,
             )
             seen["registered"] = registered
             seen["loss"] = loss.mean(outputs, batch[1])
@@ -339,4 +353,7 @@ def kfac(
         m = kronecker.operator(new, damping, seen["registered"], params, loss_value=loss_value)
         return m, new
 
-    return Preconditioner(kronecker.init, update, needs_key=kind.name != "empirical_fisher")
+    def init(params):
+        return kronecker.init(params, eigenvalue_correction=eigenvalue_correction)
+
+    return Preconditioner(init, update, needs_key=kind.name != "empirical_fisher")

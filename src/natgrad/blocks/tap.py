@@ -8,8 +8,9 @@ r"""One custom VJP per declared layer call: the layer, plus K-FAC's factor sums 
 The tags are zero arrays the caller differentiates with respect to: one VJP of the whole
 instrumented model returns every declared layer's factor sums next to the ordinary parameter
 gradient. Both the input x and the cotangent are at hand in one place, so a block that needs
-them jointly (per-example gradients projected on an eigenbasis, for EKFAC) is computed here too;
-tags after the first two get zero cotangents until a kind defines them.
+them jointly is computed here too: with an eigenbasis (Q_A, Q_G) passed in (EKFAC), a third
+tag gets Σ_b (Q_Aᵀ ∇W̄_b Q_G)² from the same positions (`natgrad.ekfac.scaling_sums`); a kind
+with its own statistics (``tag_sums``: embeddings, scale-and-shift) fills its tags itself.
 
 Under `jax.vmap` (an equinox model's per-example call, or K-FAC's columns of the output
 curvature) JAX vmaps this backward pass: the sums of each mapped call are added up by the
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from natgrad import ekfac
 from natgrad.blocks import KINDS, Spec, sharing
 
 __all__ = ["tapped"]
@@ -31,26 +33,35 @@ __all__ = ["tapped"]
 
 @functools.cache
 def tapped(spec: Spec):
-    """`call(layer, x, tags) -> y` for this kind and weight sharing (cached per static spec)."""
+    """`call(layer, x, tags, basis) -> y` for this kind and weight sharing (cached per static
+    spec); `basis` is () or EKFAC's (Q_A, Q_G)."""
     kind = KINDS[spec.kind]
 
     def plain(layer, x):
         return kind.apply(layer, x, spec.options)
 
     @jax.custom_vjp
-    def call(layer: Mapping, x: jax.Array, tags: tuple) -> jax.Array:
+    def call(layer: Mapping, x: jax.Array, tags: tuple, basis: tuple = ()) -> jax.Array:
         return plain(layer, x)
 
-    def fwd(layer, x, tags):
-        return plain(layer, x), (layer, x, tags)
+    def fwd(layer, x, tags, basis=()):
+        return plain(layer, x), (layer, x, tags, basis)
 
     def bwd(res, ct):
-        layer, x, tags = res
+        layer, x, tags, basis = res
         _, vjp_fn = jax.vjp(plain, layer, x)
         d_layer, dx = vjp_fn(ct)
-        a, g = kind.positions(layer, x, ct, spec.options)
-        sums = sharing.factor_sums(a, g, spec.weight_sharing, tags[0].dtype)
-        return d_layer, dx, (*sums, *(jnp.zeros_like(t) for t in tags[2:]))
+        dtype = tags[0].dtype
+        if hasattr(kind, "tag_sums"):
+            sums = kind.tag_sums(layer, x, ct, dtype)
+        else:
+            a, g = kind.positions(layer, x, ct, spec.options)
+            sums = sharing.factor_sums(a, g, spec.weight_sharing, dtype)
+            if basis:
+                sums = (*sums, ekfac.scaling_sums(a, g, *basis, has_bias="b" in layer))
+        sums = (*sums, *(jnp.zeros_like(t) for t in tags[len(sums) :]))
+        sums = tuple(s.astype(t.dtype) for s, t in zip(sums, tags, strict=True))
+        return d_layer, dx, sums, jax.tree.map(jnp.zeros_like, basis)
 
     call.defvjp(fwd, bwd)
     return call

@@ -58,6 +58,7 @@ def kfac(
     fisher_type: str | None = None,
     reject_rises: bool = defaults.KFAC_REJECT_RISES,
     weight_sharing: str = "expand",
+    eigenvalue_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: updates = −α F̂⁻¹ g, F̂ Kronecker-factored per dense layer, α from a KL trust region.
 
@@ -90,6 +91,9 @@ def kfac(
         positions (per-token language modelling, per-pixel losses) and is KFC for
         convolutions; reduce is exact when positions are pooled before the loss and cheaper.
         See `natgrad.preconditioners.kfac`.
+      eigenvalue_correction: EKFAC (George et al. 2018): keep K-FAC's eigenbasis Q_A ⊗ Q_G but
+        re-estimate the curvature's diagonal in it from per-example gradients,
+        s = E[(Q_Aᵀ ∇W̄_b Q_G)²], damped as s + λ; dense and conv layers (`natgrad.ekfac`).
 
     The update needs ``batch=(inputs, targets)`` and, unless ``curvature="empirical_fisher"``,
     ``key=``; it accepts ``eval_batch=`` for the damping rule's trial loss.
@@ -115,6 +119,7 @@ def kfac(
             inverse_every=inverse_every,
             statistics_every=statistics_every,
             weight_sharing=weight_sharing,
+            eigenvalue_correction=eigenvalue_correction,
         )
     if not isinstance(damping, DampingRule):
         # λ = 0 would leave singular factors (e.g. constant input pixels) uninvertible.
