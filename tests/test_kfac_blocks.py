@@ -252,6 +252,8 @@ def test_conv_applied_inverse_is_a_dense_damped_solve_of_the_factored_blocks():
         assert {k: int(c) for k, c in state.registered_by_kind.items()} == {
             "dense": 1,
             "conv2d": 1,
+            "embedding": 0,
+            "scale_shift": 0,
         }
         m = np.diag(np.asarray(ravel_pytree(state.factors.diag)[0]) + lam)
         for slot, name in enumerate(("conv", "head")):
@@ -408,7 +410,8 @@ def test_a_small_cnn_trains_with_kfac_under_jit(sharing):
         values.append(float(value))
     curv = state.preconditioner_state
     assert int(state.rejected_steps) == 0 and int(curv.registered_layers) == 3
-    assert {k: int(v) for k, v in curv.registered_by_kind.items()} == {"dense": 1, "conv2d": 2}
+    counts = {k: int(v) for k, v in curv.registered_by_kind.items()}
+    assert counts == {"dense": 1, "conv2d": 2, "embedding": 0, "scale_shift": 0}
     assert all(np.isfinite(values)) and all(np.all(np.isfinite(a)) for a in jax.tree.leaves(params))
     assert values[-1] < 0.9 * values[0], values
     assert [a.shape for a in curv.factors.a] == [(10, 10), (37, 37), (25, 25)]
