@@ -71,7 +71,7 @@ def test_kfac_conv_and_shared_dense_blocks_are_sharded_like_the_rest(report):
     assert rows["kfac-ekfac"]["kronecker_blocks"] == none | {"dense": 2}
     assert rows["kfac-ekfac-conv2d"]["kronecker_blocks"] == none | {"dense": 1, "conv2d": 1}
     blocks = none | {"dense": 1, "embedding": 1, "scale_shift": 1}
-    assert rows["kfac-ekfac-embed-norm"]["kronecker_blocks"] == blocks
+    assert rows["kfac-embed-norm"]["kronecker_blocks"] == blocks
 
 
 def test_xla_reduces_across_devices_and_never_gathers_the_batch(report):
