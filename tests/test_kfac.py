@@ -401,3 +401,18 @@ def test_a_flax_mlp_registers_its_layers_and_gets_the_plain_jax_update():
             np.testing.assert_allclose(
                 flax_updates["params"][f"Dense_{i}"][k], plain_updates[i][k], rtol=1e-10
             )
+
+
+def test_the_state_says_whether_what_it_changed_is_finite():
+    """The optimiser's guard reads `finite` instead of scanning every factor each step: an
+    update folding non-finite statistics, and a refresh inverting non-finite factors, say so."""
+    params = [{"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}]
+    state = kronecker.init(params)
+    stats = state.factors._replace(a=(jnp.full((4, 4), jnp.nan),))
+    registered = (True,)
+    bad = kronecker.update(state, stats, 1e-3, registered, ema_decay=0.9, refresh=False)
+    assert not bool(bad.finite)
+    good = kronecker.update(state, state.factors, 1e-3, registered, ema_decay=0.9, refresh=True)
+    assert bool(good.finite)
+    assert not bool(kronecker.refresh_inverses(bad, 1e-3, registered, True).finite)
+    assert bool(kronecker.refresh_inverses(bad, 1e-3, registered, False).finite)  # unchanged

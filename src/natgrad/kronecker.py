@@ -93,6 +93,7 @@ class KroneckerState(NamedTuple):
     inverse_damping: jax.Array  # λ the inverses were computed with
     registered_by_kind: dict  # the same count per kind: {"dense": n, "conv2d": n, ...}
     eigenbasis: ekfac.Eigenbasis | None = None  # EKFAC's Q_A, Q_G (eigenvalue_correction)
+    finite: jax.Array | bool = True  # whether what the last update changed is finite
 
 
 def check_options(ema_decay, inverse_every, statistics_every=1) -> tuple[float, int, int]:
@@ -173,7 +174,8 @@ def update(
     refresh,
 ) -> KroneckerState:
     """Fold `stats` into the moving averages; recompute the inverses (with this λ) when the
-    boolean `refresh` (may be traced) is true."""
+    boolean `refresh` (may be traced) is true. ``finite`` checks the new averages, inverses and
+    basis (the whole state changed)."""
     t = state.updates
     factors = _tree.moving_average(state.factors, stats, ema_decay, t)
     factors, inverses, basis = _refresh(state, factors, damping, registered, refresh)
@@ -182,6 +184,7 @@ def update(
         factors=factors,
         inverses=inverses,
         eigenbasis=basis,
+        finite=_tree.all_finite((factors, inverses, basis)),
         registered_layers=jnp.asarray(sum(registered), jnp.int32),
         registered_by_kind=count_by_kind(layers.find_layers(state.factors.diag), registered),
         inverse_damping=_refreshed_damping(state, damping, refresh),
@@ -190,12 +193,16 @@ def update(
 
 def refresh_inverses(state: KroneckerState, damping, registered, refresh) -> KroneckerState:
     """The inverses (and EKFAC's eigenbasis) recomputed from the current averages when
-    `refresh`, else unchanged."""
+    `refresh`, else unchanged. ``finite`` checks what changed: nothing unless `refresh`."""
     factors, inverses, basis = _refresh(state, state.factors, damping, registered, refresh)
+    finite = lax.cond(
+        refresh, lambda: _tree.all_finite((factors, inverses, basis)), lambda: jnp.asarray(True)
+    )
     return state._replace(
         factors=factors,
         inverses=inverses,
         eigenbasis=basis,
+        finite=finite,
         inverse_damping=_refreshed_damping(state, damping, refresh),
     )
 

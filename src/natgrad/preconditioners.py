@@ -71,6 +71,9 @@ class Preconditioner(NamedTuple):
     init: Callable[[PyTree], Any]
     update: Callable[..., tuple[operators.Operator, Any]]
     needs_key: bool = False  # whether `update` draws random numbers (then it needs ``key=``)
+    # Whether a state `update` returned is finite (else the optimiser rejects the step and keeps
+    # the old state). The default scans the whole state; K-FAC's state knows what it changed.
+    finite: Callable[[Any], jax.Array] = _tree.all_finite
 
 
 def _sum_over_examples(per_example: Callable, params: PyTree, batch) -> PyTree:
@@ -356,4 +359,6 @@ def kfac(
     def init(params):
         return kronecker.init(params, eigenvalue_correction=eigenvalue_correction)
 
-    return Preconditioner(init, update, needs_key=kind.name != "empirical_fisher")
+    return Preconditioner(
+        init, update, needs_key=kind.name != "empirical_fisher", finite=lambda s: s.finite
+    )

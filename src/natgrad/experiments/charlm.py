@@ -15,8 +15,10 @@ causal multi-head attention with ``heads`` heads, a final LN and an output layer
 vocabulary's logits. Every matrix product is `natgrad.layers.dense` applied over the (B, T, ·)
 sequence axes, so K-FAC gives each its Kronecker block with the weight-sharing approximation
 the optimiser chooses ("expand": the loss is per position here, the setting where expand is
-the natural one; Eschenhagen et al., 2023). Layer norms and embeddings use the declared
-`natgrad.layers` functions where they exist; otherwise K-FAC gives them diagonal blocks.
+the natural one; Eschenhagen et al., 2023). Layer norms (`layers.layer_norm`, flax's
+{"scale", "bias"}) and the token embedding (`layers.embedding`) are declared too: K-FAC gives
+them the exact Fisher diagonal and the token-count block; the learned positions, a plain array,
+get a diagonal block.
 
 The loss is `natgrad.losses.softmax_cross_entropy` over (B, T, V) logits: the nll summed over
 the T positions of a window, averaged over windows; the reports divide by T (nats per
@@ -88,20 +90,6 @@ class Transformer(NamedTuple):
     length: int
 
 
-def _layer_norm(p, x, eps=1e-5):
-    if hasattr(layers, "layer_norm"):
-        return layers.layer_norm(p, x, eps=eps)
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def _embed(p, ids):
-    if hasattr(layers, "embedding"):
-        return layers.embedding(p, ids)
-    return p["embedding"][ids]
-
-
 def transformer(width: int = 64, depth: int = 2, heads: int = 4, length: int = 64) -> Transformer:
     """The model above; ``apply(params, ids)`` returns logits of shape (B, T, VOCAB)."""
     if width % heads:
@@ -148,12 +136,12 @@ def transformer(width: int = 64, depth: int = 2, heads: int = 4, length: int = 6
         return layers.dense(p["out"], mixed)
 
     def apply(params, ids):
-        h = _embed(params["tokens"], ids) + params["positions"][: ids.shape[1]]
+        h = layers.embedding(params["tokens"], ids) + params["positions"][: ids.shape[1]]
         for p in params["blocks"]:
-            h = h + attention(p, _layer_norm(p["ln1"], h))
+            h = h + attention(p, layers.layer_norm(p["ln1"], h))
             h = h + layers.dense(
-                p["down"], jax.nn.gelu(layers.dense(p["up"], _layer_norm(p["ln2"], h)))
+                p["down"], jax.nn.gelu(layers.dense(p["up"], layers.layer_norm(p["ln2"], h)))
             )
-        return layers.dense(params["head"], _layer_norm(params["ln"], h))
+        return layers.dense(params["head"], layers.layer_norm(params["ln"], h))
 
     return Transformer(init, apply, losses.softmax_cross_entropy(), length)

@@ -106,7 +106,8 @@ def transform(
         # 4–5. Reduction ratio (one forward pass, only when something reads it) and guard.
         if f1 is None and (parts.damping.needs_rho or parts.reject_rises):
             f1 = trial(s, alpha)
-        finite = res.finite & jnp.isfinite(alpha) & _tree.all_finite((q["sqs"], q["sfs"], pstate))
+        finite = res.finite & jnp.isfinite(alpha) & _tree.all_finite((q["sqs"], q["sfs"]))
+        finite = finite if pre is None else finite & pre.finite(pstate)
         accepted, new_lam, rho = _guard.judge(
             parts.damping,
             lam,
