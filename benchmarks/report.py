@@ -360,6 +360,22 @@ def charlm_section(payload: dict) -> list[str]:
         )
     best = min(runs, key=lambda n: runs[n]["final_loss"])
     lines += ["", f"Lowest final loss: **{best}** ({runs[best]['final_loss']:.3f}).", ""]
+    reached = {n: _first(r["curve"], target)[1] for n, r in runs.items()}
+    first = min((n for n in reached if reached[n] is not None), key=lambda n: reached[n])
+    if first == "adam":  # natgrad loses the clock: say by how much and why
+        ours = [n for n in runs if n != "adam"]
+        why = ", ".join(
+            f"{n}: step {runs[n]['per_step_seconds'] / adam['per_step_seconds']:.2f}× Adam's, "
+            + (
+                "target not reached"
+                if reached[n] is None
+                else f"target at {reached[n] / reached['adam']:.2f}× Adam's seconds"
+            )
+            for n in ours
+        )
+        lines += [f"First to the target in wall time: **adam** — natgrad loses here ({why}).", ""]
+    else:
+        lines += [f"First to the target in wall time: **{first}** ({reached[first]:.1f} s).", ""]
     return lines + ["![charlm](charlm.png)", ""]
 
 

@@ -110,3 +110,5 @@ def test_charlm_benchmark_run_and_its_report_section():
     assert "| natgrad-kfac-expand | kl_radius=0.001 |" in text
     assert "not reached" in text and "| 2.00 |" in text
     assert "Lowest final loss: **adam**" in text
+    assert "First to the target in wall time: **adam** — natgrad loses here" in text
+    assert "natgrad-kfac-expand: step 2.00× Adam's, target not reached" in text
