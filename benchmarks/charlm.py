@@ -13,6 +13,7 @@ loss against steps and against seconds of the best grid point of each).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -58,7 +59,7 @@ def run(name, value, model, params, data, steps, eval_every, batch) -> dict:
         if (i + 1) % eval_every == 0 or i + 1 == steps:
             loss = float(evaluate(p))
             curve.append((i + 1, clock, loss))
-            if loss != loss:  # NaN: diverged, stop here
+            if math.isnan(loss):  # diverged: stop here
                 break
     return {
         "value": value,
@@ -66,7 +67,7 @@ def run(name, value, model, params, data, steps, eval_every, batch) -> dict:
         "compile_seconds": compile_s,
         "per_step_seconds": clock / max(1, curve[-1][0] - 1),
         "final_loss": curve[-1][2],
-        "diverged": not curve[-1][2] == curve[-1][2],
+        "diverged": math.isnan(curve[-1][2]),
     }
 
 

@@ -280,16 +280,7 @@ def test_example_trains(library, monkeypatch):
 
 def _kfac_flax_linen():
     pytest.importorskip("flax")
-    from flax import linen as nn
-
-    class Dense(nn.Module):
-        features: int
-
-        @nn.compact
-        def __call__(self, x):
-            self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-            self.param("b", nn.initializers.normal(0.1), (self.features,))
-            return natgrad.layers.dense(self.variables["params"], x)
+    nn, _, Dense = _flax_layers()
 
     class MLP(nn.Module):
         sizes: tuple
@@ -540,7 +531,7 @@ def seq_plain(params, x):
     )
 
 
-def _flax_conv_layers():
+def _flax_layers():
     from flax import linen as nn
 
     class Conv(nn.Module):  # nn.Conv's kernel layout, initialiser and call, declared to K-FAC
@@ -572,7 +563,7 @@ def _flax_conv_layers():
 
 def _cnn_flax_linen():
     pytest.importorskip("flax")
-    nn, Conv, Dense = _flax_conv_layers()
+    nn, Conv, Dense = _flax_layers()
 
     class CNN(nn.Module):
         @nn.compact
@@ -589,7 +580,7 @@ def _cnn_flax_linen():
 
 def _seq_flax_linen():
     pytest.importorskip("flax")
-    nn, _, Dense = _flax_conv_layers()
+    nn, _, Dense = _flax_layers()
 
     class Sequence(nn.Module):  # Dense acts on (batch, tokens, d) as it is
         @nn.compact
@@ -726,7 +717,7 @@ def test_kfac_on_library_conv_and_sequence_layers_equals_plain_jax(model):
 
 def test_flax_conv_adapter_initialises_and_computes_like_nn_conv():
     pytest.importorskip("flax")
-    nn, Conv, _ = _flax_conv_layers()
+    nn, Conv, _ = _flax_layers()
     x = jax.random.normal(jax.random.PRNGKey(2), (2, *IMAGE))
     for kwargs in ({}, {"strides": (2, 2), "padding": "VALID"}):
         ours, stock = Conv(4, **kwargs), nn.Conv(4, (3, 3), **kwargs)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import glob
 import os
 import sysconfig
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -84,8 +85,8 @@ def windows(ids: np.ndarray, batch: int, length: int, seed: int) -> tuple[np.nda
 
 
 class Transformer(NamedTuple):
-    init: callable
-    apply: callable
+    init: Callable
+    apply: Callable
     loss: losses.Loss
     length: int
 
