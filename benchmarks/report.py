@@ -664,6 +664,9 @@ def write_lineup(json_path: str) -> list[str]:
         f"Whole run: {result['total_seconds']:.0f} s.",
         "",
     ]
+    if result.get("parts"):
+        secs = " s, ".join(f"{p['seconds']:.0f}" for p in result["parts"])
+        lines[-2] = f"Whole run: {len(result['parts'])} parts side by side, {secs} s."
     for name, wl in result["workloads"].items():
         lines += [f"## {name} (batch {wl['batch_size']}, {wl['metric']})", ""]
         lines += ([f"Note: {wl['note']}.", ""] if wl["note"] else []) + _lineup_table(wl)

@@ -44,6 +44,7 @@ class Workload(NamedTuple):
 # the batch-scaling study (batch sizes, target, steps, seconds, grid points). Quick targets come
 # from short runs (the best peers reach them within the budget); full ones from the
 # time-to-target benchmark (classifiers) and an extrapolation of the quick runs (autoencoder).
+# The full budgets keep the whole protocol near two core-hours (docs/benchmarks.md).
 MODES = {
     "full": {
         "num_train": None,
@@ -51,12 +52,12 @@ MODES = {
         "seeds": 3,
         "grid": 3,
         "workloads": {
-            "mlp": (128, (0.85, 0.87), 5000, 12.0),
-            "deep-mlp": (1024, (0.85, 0.88), 1500, 60.0),
-            "autoencoder": (128, (230.0, 200.0), 3000, 30.0),
-            "cnn": (128, (0.85, 0.88), 3000, 60.0),
+            "mlp": (128, (0.85, 0.87), 5000, 10.0),
+            "deep-mlp": (1024, (0.85, 0.88), 1500, 30.0),
+            "autoencoder": (128, (230.0, 200.0), 3000, 20.0),
+            "cnn": (128, (0.80, 0.85), 1000, 30.0),
         },
-        "scaling": ((128, 512, 2048, 8192), 0.85, 2000, 30.0, 3),
+        "scaling": ((128, 512, 2048, 8192), 0.85, 2000, 20.0, 3),
     },
     "quick": {
         "num_train": 10_000,

@@ -56,6 +56,18 @@ def test_tiny_lineup_schema_and_failed_rows(tmp_path, monkeypatch):
     assert [p["batch_size"] for p in points] == [32]
     report = (tmp_path / "REPORT-peers-quick.md").read_text()
     assert "| psgd-kron | failed: ImportError" in report
+    # Parts run side by side merge into one result and report: every workload, the scaling.
+    a = {k: v for k, v in result.items() if k != "batch_scaling"} | {"total_seconds": 5.0}
+    b = result | {"workloads": {"mlp-b": result["workloads"]["mlp"]}, "total_seconds": 7.0}
+    paths = []
+    for name, part in (("a", a), ("b", b)):
+        paths.append(str(tmp_path / f"part-{name}.json"))
+        (tmp_path / f"part-{name}.json").write_text(json.dumps(part))
+    merged = runner.main(["--merge", *paths, "--out", str(tmp_path / "merged")])
+    assert list(merged["workloads"]) == ["mlp", "mlp-b"] and merged["total_seconds"] == 7.0
+    assert merged["batch_scaling"] == result["batch_scaling"]
+    report = (tmp_path / "merged" / "REPORT-peers-quick.md").read_text()
+    assert "2 parts side by side, 5 s, 7 s." in report and "## mlp-b" in report
 
 
 def test_unknown_optimizer_is_rejected(capsys):
@@ -73,3 +85,4 @@ def test_missing_dataset_exits_2_with_one_line(monkeypatch, capsys):
         runner.main(["--quick", "--optimizers", "adam"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+

@@ -176,6 +176,30 @@ def batch_scaling(ds, mode: str) -> dict:
     return result
 
 
+def merge(paths, out: str) -> dict:
+    """One result (and report) from runs of parts of one mode, e.g. workloads run side by side
+    on separate cores: the workloads of each, the batch scaling of the one that has it, and the
+    longest part's time as the whole run's."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    if len({p["mode"] for p in parts}) != 1:
+        raise SystemExit("benchmarks.peers: --merge: the parts are of different modes")
+    result = {"mode": parts[0]["mode"], "protocol": parts[0]["protocol"], "workloads": {}}
+    for p in parts:
+        result["workloads"] |= p["workloads"]
+        result |= {"batch_scaling": p["batch_scaling"]} if "batch_scaling" in p else {}
+    result["total_seconds"] = max(p["total_seconds"] for p in parts)
+    result["parts"] = [{"json": path, "seconds": p["total_seconds"]} for path, p in zip(paths, parts)]
+    name = f"peers{'-quick' if result['mode'] == 'quick' else ''}.json"
+    path = timing.write_json(out, name, result)
+    from benchmarks import report
+
+    print("wrote", path, *report.write_lineup(path), flush=True)
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="natgrad against the 2026 lineup")
     parser.add_argument("--quick", action="store_true", help="10k examples, 1 seed, grids of 1")
@@ -183,7 +207,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--optimizers", nargs="+", default=list(grids.KEYS))
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--out", default="results")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="merge the results of runs of parts instead"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     timing.compilation_cache()
     mode = "quick" if args.quick else "full"
     args.workloads = args.workloads or list(workloads.MODES[mode]["workloads"])
