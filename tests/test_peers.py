@@ -85,4 +85,3 @@ def test_missing_dataset_exits_2_with_one_line(monkeypatch, capsys):
         runner.main(["--quick", "--optimizers", "adam"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
-

@@ -191,7 +191,9 @@ def merge(paths, out: str) -> dict:
         result["workloads"] |= p["workloads"]
         result |= {"batch_scaling": p["batch_scaling"]} if "batch_scaling" in p else {}
     result["total_seconds"] = max(p["total_seconds"] for p in parts)
-    result["parts"] = [{"json": path, "seconds": p["total_seconds"]} for path, p in zip(paths, parts)]
+    result["parts"] = [
+        {"json": path, "seconds": p["total_seconds"]} for path, p in zip(paths, parts, strict=True)
+    ]
     name = f"peers{'-quick' if result['mode'] == 'quick' else ''}.json"
     path = timing.write_json(out, name, result)
     from benchmarks import report
