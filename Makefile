@@ -59,8 +59,17 @@ $(PEERS_VENV)/.stamp:
 kfac-jax-check: $(PEERS_VENV)/.stamp
 	PYTHONPATH=src:. $(PEERS_VENV)/bin/python -m benchmarks.kfac_jax_check results/kfac-jax-check.json
 
+# The full protocol in two parts side by side, one core each (XLA and BLAS single-threaded):
+# the CNN and the batch scaling | the MLPs and the autoencoder; then one merged result/report.
+PARTS := results/peers-parts
+ONE_CORE := OPENBLAS_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 bench-peers: $(VENV)/.peers $(PEERS_VENV)/.stamp data
-	$(PY) -m benchmarks.peers --out results
+	mkdir -p $(PARTS)
+	$(ONE_CORE) $(PY) -m benchmarks.peers --workloads cnn --out $(PARTS)/a > $(PARTS)/a.log 2>&1 & a=$$!; \
+	$(ONE_CORE) $(PY) -m benchmarks.peers --workloads mlp deep-mlp autoencoder --no-scaling \
+	  --out $(PARTS)/b; b=$$?; wait $$a && [ $$b = 0 ] || \
+	  { echo "bench-peers: a part failed (logs in $(PARTS))"; exit 1; }
+	$(PY) -m benchmarks.peers --merge $(PARTS)/a/peers.json $(PARTS)/b/peers.json --out results
 
 bench-peers-quick: $(VENV)/.peers $(PEERS_VENV)/.stamp data
 	$(PY) -m benchmarks.peers --quick --out results
