@@ -174,17 +174,22 @@ def update(
     refresh,
 ) -> KroneckerState:
     """Fold `stats` into the moving averages; recompute the inverses (with this λ) when the
-    boolean `refresh` (may be traced) is true. ``finite`` checks the new averages, inverses and
-    basis (the whole state changed)."""
+    boolean `refresh` (may be traced) is true; ``refresh=False`` (the Python constant) leaves
+    them out of the computation. ``finite`` checks what changed: the averages, and the inverses
+    and basis unless `refresh` is False."""
     t = state.updates
     factors = _tree.moving_average(state.factors, stats, ema_decay, t)
-    factors, inverses, basis = _refresh(state, factors, damping, registered, refresh)
+    if refresh is False:
+        inverses, basis, finite = state.inverses, state.eigenbasis, _tree.all_finite(factors)
+    else:
+        factors, inverses, basis = _refresh(state, factors, damping, registered, refresh)
+        finite = _tree.all_finite((factors, inverses, basis))
     return state._replace(
         updates=t + 1,
         factors=factors,
         inverses=inverses,
         eigenbasis=basis,
-        finite=_tree.all_finite((factors, inverses, basis)),
+        finite=finite,
         registered_layers=jnp.asarray(sum(registered), jnp.int32),
         registered_by_kind=count_by_kind(layers.find_layers(state.factors.diag), registered),
         inverse_damping=_refreshed_damping(state, damping, refresh),

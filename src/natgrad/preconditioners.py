@@ -320,7 +320,7 @@ def kfac(
         refresh = (state.steps % inverse_every == 0) | kronecker.stale(state, damping)
         seen = {}
 
-        def with_statistics():
+        def with_statistics(refresh):
             stats, registered, outputs = kronecker.statistics(
                 apply_fn,
                 loss,
@@ -340,17 +340,18 @@ def kfac(
             )
 
         if statistics_every == 1:
-            new = with_statistics()
+            new = with_statistics(refresh)
             loss_value = seen["loss"]
         else:
-            jax.eval_shape(with_statistics)  # traces the model: `registered` is known
-
-            def without_statistics():
-                return kronecker.refresh_inverses(state, damping, seen["registered"], refresh)
-
-            new = jax.lax.cond(
-                state.steps % statistics_every == 0, with_statistics, without_statistics
+            # Statistics on every `statistics_every`-th step, then the inverses when due: two
+            # conditionals in a row, so the inversion is compiled once, not once per branch.
+            folded = jax.lax.cond(
+                state.steps % statistics_every == 0,
+                lambda: with_statistics(False),
+                lambda: state._replace(finite=jnp.asarray(True)),
             )
+            new = kronecker.refresh_inverses(folded, damping, seen["registered"], refresh)
+            new = new._replace(finite=folded.finite & new.finite)
             loss_value = None  # known on statistics steps only: the optimiser computes its own
         new = new._replace(steps=state.steps + 1)
         m = kronecker.operator(new, damping, seen["registered"], params, loss_value=loss_value)
