@@ -15,6 +15,7 @@ SUBMODULES = (
     "kronecker",
     "layers",
     "losses",
+    "low_rank",
     "operators",
     "optimizers",
     "preconditioners",

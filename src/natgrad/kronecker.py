@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax, tree_util
 
-from natgrad import _tree, blocks, ekfac, layers
+from natgrad import _tree, blocks, ekfac, layers, low_rank
 from natgrad.curvature import CurvatureOperator
 from natgrad.kronecker_statistics import Factors, factor_dtype, node_dtype, statistics
 
@@ -78,9 +78,10 @@ PyTree = Any
 
 
 class Inverses(NamedTuple):
-    """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ per layer, λ the damping at the last refresh."""
+    """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ per layer, λ the damping at the last refresh; an input
+    factor wider than 2k with `input_factor_rank` k holds a `natgrad.low_rank.LowRankInverse`."""
 
-    a: tuple[jax.Array, ...]
+    a: tuple[jax.Array | low_rank.LowRankInverse, ...]
     g: tuple[jax.Array, ...]
 
 
@@ -122,17 +123,24 @@ def _has_eigenbasis(slot) -> bool:
     return hasattr(blocks.module(slot.kind), "positions")
 
 
-def init(params: PyTree, eigenvalue_correction: bool = False) -> KroneckerState:
+def init(
+    params: PyTree, eigenvalue_correction: bool = False, input_factor_rank: int | None = None
+) -> KroneckerState:
     """Zero factors and inverses for every layer-looking dict of `params` (and with
-    `eigenvalue_correction` an identity eigenbasis and zero scalings, `natgrad.ekfac`)."""
+    `eigenvalue_correction` an identity eigenbasis and zero scalings, `natgrad.ekfac`; with
+    `input_factor_rank` k, a rank-k-plus-identity inverse for each full input factor wider than
+    2k, `natgrad.low_rank`)."""
     nodes, _ = layers.flatten(params)
     slots = layers.find_layers(params)
-    a, g = [], []
+    a, g, a_inv = [], [], []
     for s in slots:
         dtype = node_dtype(nodes[s.position])
         shape_a, shape_g = _factor_shapes(s)
         a.append(jnp.zeros(shape_a, dtype))
         g.append(jnp.zeros(shape_g, dtype))
+        k = input_factor_rank
+        wide = k is not None and len(shape_a) == 2 and shape_a[0] > 2 * k
+        a_inv.append(low_rank.init(shape_a[0], k, dtype) if wide else a[-1])
     basis, scalings = None, ()
     if eigenvalue_correction:
         sizes = [(s.m + s.has_bias, s.n) if _has_eigenbasis(s) else (0, 0) for s in slots]
@@ -145,7 +153,7 @@ def init(params: PyTree, eigenvalue_correction: bool = False) -> KroneckerState:
         zero,
         zero,
         factors,
-        Inverses(tuple(a), tuple(g)),
+        Inverses(tuple(a_inv), tuple(g)),
         zero,
         jnp.zeros((), jnp.float32),
         {kind: zero for kind in blocks.KINDS},
@@ -223,7 +231,7 @@ def _refresh(state: KroneckerState, factors: Factors, damping, registered, refre
     kfac_used = tuple(u and not e for u, e in zip(registered, eigen, strict=True))
 
     def refreshed():
-        inverses = _invert(factors, damping, kfac_used)
+        inverses = _invert(factors, damping, kfac_used, state.inverses)
         if basis is None:
             return factors, inverses, basis
         use = tuple(u and e for u, e in zip(registered, eigen, strict=True))
@@ -269,8 +277,10 @@ def _add_identity(a: jax.Array, d) -> jax.Array:
     return a + d if a.ndim == 1 else a + d * jnp.eye(a.shape[0], dtype=a.dtype)
 
 
-def _left(a: jax.Array, v: jax.Array) -> jax.Array:
-    """A V, A given by its diagonal when it is a vector."""
+def _left(a, v: jax.Array) -> jax.Array:
+    """A V, A given by its diagonal when it is a vector, or as a `low_rank.LowRankInverse`."""
+    if isinstance(a, low_rank.LowRankInverse):
+        return low_rank.apply(a, v)
     return a[:, None] * v if a.ndim == 1 else a @ v
 
 
@@ -288,15 +298,19 @@ def _spd_inverse(m: jax.Array) -> jax.Array:
     return 0.5 * (inv + inv.T)
 
 
-def _invert(factors: Factors, damping, registered) -> Inverses:
+def _invert(factors: Factors, damping, registered, previous: Inverses) -> Inverses:
     a_inv, g_inv = [], []
-    for a, g, used in zip(factors.a, factors.g, registered, strict=True):
+    for a, g, used, old in zip(factors.a, factors.g, registered, previous.a, strict=True):
         if not used or a.size == 0:
-            a_inv.append(jnp.zeros_like(a))
+            # (a rank-k inverse keeps its basis: the next refresh starts from it)
+            a_inv.append(old if isinstance(old, low_rank.LowRankInverse) else jnp.zeros_like(a))
             g_inv.append(jnp.zeros_like(g))
             continue
         da, dg = pi_damping(a, g, damping)
-        a_inv.append(_spd_inverse(_add_identity(a, da)))
+        if isinstance(old, low_rank.LowRankInverse):
+            a_inv.append(low_rank.factorise(_add_identity(a, da), old))
+        else:
+            a_inv.append(_spd_inverse(_add_identity(a, da)))
         g_inv.append(_spd_inverse(_add_identity(g, dg)))
     return Inverses(tuple(a_inv), tuple(g_inv))
 
@@ -343,7 +357,7 @@ def apply_inverse(state: KroneckerState, damping, registered, vec: PyTree) -> Py
             return ekfac.apply_inverse(
                 v, basis.q_a[slot], basis.q_g[slot], state.factors.s[slot], damping
             )
-        return _left(inv.a[slot], v.astype(inv.a[slot].dtype)) @ inv.g[slot]
+        return _left(inv.a[slot], v.astype(inv.g[slot].dtype)) @ inv.g[slot]
 
     return _blockwise(
         vec, state.factors.diag, damping, registered, kron, lambda r, d: r / d.astype(r.dtype)

@@ -272,6 +272,7 @@ def kfac(
     fisher_type: str | None = None,
     weight_sharing: str = "expand",
     eigenvalue_correction: bool = False,
+    input_factor_rank: int | None = None,
 ) -> Preconditioner:
     """K-FAC's block-diagonal approximation of C + λI, inverted (see `natgrad.kronecker`).
 
@@ -303,8 +304,25 @@ def kfac(
     π); weight-shared layers sum a example's positions before squaring, whatever
     `weight_sharing` made of the basis. Embeddings keep their K-FAC blocks (a diagonal A has
     the identity as eigenbasis already) and scale-and-shift layers their exact diagonal.
+
+    ``input_factor_rank=k`` inverts every input factor A wider than 2k as rank k plus a scaled
+    identity (`natgrad.low_rank`: its top k eigenpairs by warm-started subspace iteration, the
+    rest replaced by their mean), so applying it costs ~2k/n of the exact inverse's n² per
+    column: for a 785-pixel input and k = 32, 12× less. Not with `eigenvalue_correction`.
     """
     kind = kfac_curvature(curvature, fisher_type)
+    if input_factor_rank is not None:
+        if isinstance(input_factor_rank, bool) or not isinstance(input_factor_rank, int):
+            raise ValueError(
+                f"input_factor_rank: expected a positive integer or None, got {input_factor_rank!r}"
+            )
+        if input_factor_rank < 1:
+            raise ValueError(f"input_factor_rank: expected ≥ 1, got {input_factor_rank}")
+        if eigenvalue_correction:
+            raise ValueError(
+                "input_factor_rank: not with eigenvalue_correction=True (EKFAC keeps the full "
+                "eigenbasis of every factor)"
+            )
     weight_sharing = sharing.check(weight_sharing)
     if not isinstance(eigenvalue_correction, bool):
         raise ValueError(
@@ -358,7 +376,11 @@ def kfac(
         return m, new
 
     def init(params):
-        return kronecker.init(params, eigenvalue_correction=eigenvalue_correction)
+        return kronecker.init(
+            params,
+            eigenvalue_correction=eigenvalue_correction,
+            input_factor_rank=input_factor_rank,
+        )
 
     return Preconditioner(
         init, update, needs_key=kind.name != "empirical_fisher", finite=lambda s: s.finite
