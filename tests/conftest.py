@@ -36,6 +36,22 @@ def mlp_apply(params, x):
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
+def train_step(opt, apply_fn, loss):
+    """The library's training step (`natgrad.experiments.training.make_step`), jitted."""
+    from natgrad.experiments import training
+
+    return jax.jit(training.make_step(opt, apply_fn, loss))
+
+
+def train(opt, apply_fn, loss, params, batches):
+    """`train_step` over `batches`, key PRNGKey(i) at step i: (params, state, batch losses)."""
+    step, state, values = train_step(opt, apply_fn, loss), opt.init(params), []
+    for i, batch in enumerate(batches):
+        params, state, value = step(params, state, batch, jax.random.PRNGKey(i))
+        values.append(float(value))
+    return params, state, values
+
+
 def make_targets(loss, key, batch_size, out_dim):
     if loss.name == "softmax_cross_entropy":
         return jax.random.randint(key, (batch_size,), 0, out_dim)

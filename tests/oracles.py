@@ -79,3 +79,27 @@ def assert_mean_matches(samples, oracle, z: float = 5.0) -> None:
     mean, se = s.mean(axis=0), s.std(axis=0, ddof=1) / np.sqrt(s.shape[0])
     assert np.abs(oracle).max() > 10 * se.max()
     assert np.all(np.abs(mean - oracle) <= z * se + 1e-10)
+
+
+def kron_positions(params, path) -> np.ndarray:
+    """Ravel positions of one layer's weights (``path(params)``, a ``{"w", "b"}`` dict) in
+    Kronecker order: W as (m, n) row-major, then b."""
+    flat, unravel = ravel_pytree(params)
+    layer = path(unravel(jnp.arange(flat.size, dtype=flat.dtype)))
+    pos = [layer["w"].reshape(-1)] + ([layer["b"]] if "b" in layer else [])
+    return np.concatenate(pos).astype(int)
+
+
+def assert_kron_blocks_match(blocks, oracle: np.ndarray, params, *, num: int, atol: float):
+    """``blocks(key, curvature)`` gives A ⊗ G per layer (layer i = ``params[i]``): with
+    ``"fisher"`` they equal the diagonal blocks of the dense `oracle` to `atol`, and with
+    ``"fisher_mc"`` their mean over `num` keys matches them (`assert_mean_matches`)."""
+    exact = blocks(jax.random.PRNGKey(3), "fisher")
+    samples = jax.jit(jax.vmap(lambda k: blocks(k, "fisher_mc")))(
+        jax.random.split(jax.random.PRNGKey(4), num)
+    )
+    for layer in range(len(exact)):
+        pos = kron_positions(params, lambda p, layer=layer: p[layer])
+        block = oracle[np.ix_(pos, pos)]
+        np.testing.assert_allclose(exact[layer], block, atol=atol)
+        assert_mean_matches(samples[layer], block)

@@ -4,23 +4,15 @@ axes (expand / reduce), against dense float64 GGN oracles (tests/oracles.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad
 import oracles
+from conftest import train
 from natgrad import kronecker, layers, losses, preconditioners
 
 SQUARED = losses.squared_error()
-
-
-def kron_positions(params, path):
-    """Ravel positions of one layer's weights in Kronecker order: W as (m, n) row-major, then b."""
-    flat, unravel = ravel_pytree(params)
-    layer = path(unravel(jnp.arange(flat.size, dtype=flat.dtype)))
-    pos = [layer["w"].reshape(-1)] + ([layer["b"]] if "b" in layer else [])
-    return np.concatenate(pos).astype(int)
 
 
 def ggn_oracle(apply_fn, params, batch):
@@ -175,7 +167,7 @@ def test_conv_kronecker_blocks_equal_the_dense_ggn_blocks_where_kfc_is_exact(
     f = factors(apply, params, (x, y))
     assert f.a[0].shape == ((3 * 2 * 2 + bias,) * 2) and f.g[1].shape == (2, 2)
     for layer in range(2):
-        pos = kron_positions(params, lambda p, layer=layer: p[layer])
+        pos = oracles.kron_positions(params, lambda p, layer=layer: p[layer])
         block = ggn[np.ix_(pos, pos)]
         assert np.abs(block).max() > 1e-2
         np.testing.assert_allclose(np.kron(f.a[layer], f.g[layer]), block, atol=1e-11)
@@ -184,7 +176,7 @@ def test_conv_kronecker_blocks_equal_the_dense_ggn_blocks_where_kfc_is_exact(
     tanh_net = lambda p, x: layers.conv2d(  # noqa: E731
         p[1], jnp.tanh(layers.conv2d(p[0], x, strides=strides, padding=padding)), padding="VALID"
     )
-    pos = kron_positions(params, lambda p: p[0])
+    pos = oracles.kron_positions(params, lambda p: p[0])
     f = factors(tanh_net, params, (x, y))
     block = ggn_oracle(tanh_net, params, (x, y))[np.ix_(pos, pos)]
     assert np.abs(np.kron(f.a[0], f.g[0]) - block).max() > 1e-3
@@ -257,7 +249,7 @@ def test_conv_applied_inverse_is_a_dense_damped_solve_of_the_factored_blocks():
         }
         m = np.diag(np.asarray(ravel_pytree(state.factors.diag)[0]) + lam)
         for slot, name in enumerate(("conv", "head")):
-            pos = kron_positions(params, lambda p, name=name: p[name])
+            pos = oracles.kron_positions(params, lambda p, name=name: p[name])
             a, g = np.asarray(state.factors.a[slot]), np.asarray(state.factors.g[slot])
             m[np.ix_(pos, pos)] = damped_kron(a, g, lam)
         np.testing.assert_allclose(got, np.linalg.solve(m, v), rtol=1e-9, atol=1e-12)
@@ -280,16 +272,7 @@ def test_conv_sampled_fisher_blocks_match_the_exact_ones_in_expectation():
         f = factors(apply, params, (x, y), curvature=curvature, key=key)
         return [jnp.kron(a, g) for a, g in zip(f.a, f.g, strict=True)]
 
-    exact = blocks(jax.random.PRNGKey(3), "fisher")
-    num = 300
-    samples = jax.jit(jax.vmap(lambda k: blocks(k, "fisher_mc")))(
-        jax.random.split(jax.random.PRNGKey(4), num)
-    )
-    for layer in range(2):
-        pos = kron_positions(params, lambda p, layer=layer: p[layer])
-        oracle = ggn[np.ix_(pos, pos)]
-        np.testing.assert_allclose(exact[layer], oracle, atol=1e-11)
-        oracles.assert_mean_matches(samples[layer], oracle)
+    oracles.assert_kron_blocks_match(blocks, ggn, params, num=300, atol=1e-11)
 
 
 # --- dense over extra axes: expand vs reduce --------------------------------------------------
@@ -321,7 +304,7 @@ def test_each_weight_sharing_is_exact_in_its_own_setting_and_only_there(net, exa
     params = shared_params()
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 3))
     y = jax.random.normal(jax.random.PRNGKey(3), net(params, x).shape)
-    pos = kron_positions(params, lambda p: p[0])
+    pos = oracles.kron_positions(params, lambda p: p[0])
     block = ggn_oracle(net, params, (x, y))[np.ix_(pos, pos)]
     other = "reduce" if exact == "expand" else "expand"
     f = factors(net, params, (x, y), weight_sharing=exact)
@@ -338,7 +321,7 @@ def test_weight_sharing_changes_nothing_for_a_layer_on_vectors():
     ggn = ggn_oracle(per_position_net, params, (x, y))
     for sharing in ("expand", "reduce"):
         f = factors(per_position_net, params, (x, y), weight_sharing=sharing)
-        pos = kron_positions(params, lambda p: p[1])
+        pos = oracles.kron_positions(params, lambda p: p[1])
         np.testing.assert_allclose(np.kron(f.a[1], f.g[1]), ggn[np.ix_(pos, pos)], atol=1e-11)
 
 
@@ -398,16 +381,7 @@ def test_a_small_cnn_trains_with_kfac_under_jit(sharing):
     loss = losses.softmax_cross_entropy()
     opt = natgrad.kfac(cnn, loss, weight_sharing=sharing, inverse_every=2, statistics_every=1)
 
-    @jax.jit
-    def step(params, state, key):
-        value, grads = jax.value_and_grad(lambda p: loss.mean(cnn(p, x), y))(params)
-        updates, state = opt.update(grads, state, params, batch=(x, y), key=key)
-        return optax.apply_updates(params, updates), state, value
-
-    state, values = opt.init(params), []
-    for i in range(6):
-        params, state, value = step(params, state, jax.random.PRNGKey(i))
-        values.append(float(value))
+    params, state, values = train(opt, cnn, loss, params, [(x, y)] * 6)
     curv = state.preconditioner_state
     assert int(state.rejected_steps) == 0 and int(curv.registered_layers) == 3
     counts = {k: int(v) for k, v in curv.registered_by_kind.items()}

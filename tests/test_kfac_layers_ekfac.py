@@ -6,13 +6,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad
 import oracles
-from conftest import mlp_params
+from conftest import mlp_params, train
 from natgrad import ekfac, kronecker, layers, losses, preconditioners
 
 
@@ -322,20 +321,6 @@ def test_ekfac_rotation_keeps_the_old_approximations_diagonal():
         np.diag(q_new.T @ old @ q_new),
         rtol=1e-12,
     )
-
-
-def train(opt, apply, loss, params, batches):
-    @jax.jit
-    def step(params, state, batch, key):
-        value, grads = jax.value_and_grad(lambda p: loss.mean(apply(p, batch[0]), batch[1]))(params)
-        updates, state = opt.update(grads, state, params, batch=batch, key=key)
-        return optax.apply_updates(params, updates), state, value
-
-    state, values = opt.init(params), []
-    for i, batch in enumerate(batches):
-        params, state, value = step(params, state, batch, jax.random.PRNGKey(i))
-        values.append(float(value))
-    return params, state, values
 
 
 def test_ekfac_trains_a_small_mlp_under_jit():

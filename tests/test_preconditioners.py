@@ -3,12 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad
-from conftest import mlp_apply, mlp_params, problem
+from conftest import mlp_apply, mlp_params, problem, train
 from natgrad import curvature, layers, losses, preconditioners, solvers
 
 
@@ -107,16 +106,7 @@ def test_diagonal_preconditioners_plug_into_natural_gradient(pre):
     loss = losses.softmax_cross_entropy()
     opt = natgrad.natural_gradient(dense_mlp, loss, preconditioner=pre)
 
-    @jax.jit
-    def step(params, state, key):
-        value, grads = jax.value_and_grad(lambda p: loss.mean(dense_mlp(p, x), y))(params)
-        updates, state = opt.update(grads, state, params, batch=(x, y), key=key)
-        return optax.apply_updates(params, updates), state, value
-
-    state, values = opt.init(params), []
-    for i in range(2):
-        params, state, value = step(params, state, jax.random.PRNGKey(i))
-        values.append(float(value))
+    params, state, values = train(opt, dense_mlp, loss, params, [(x, y)] * 2)
     assert int(state.rejected_steps) == 0 and values[-1] < values[0]
 
 
