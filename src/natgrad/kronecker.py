@@ -97,14 +97,19 @@ class KroneckerState(NamedTuple):
     finite: jax.Array | bool = True  # whether what the last update changed is finite
 
 
-def check_options(ema_decay, inverse_every, statistics_every=1) -> tuple[float, int, int]:
-    """K-FAC's options, validated (ValueError naming the argument)."""
+def check_options(
+    ema_decay, inverse_every, statistics_every=1, input_factor_rank=None
+) -> tuple[float, int, int]:
+    """K-FAC's options, validated (ValueError naming the argument); `input_factor_rank` may be
+    None."""
     bad_decay = isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float)
     if bad_decay or not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {ema_decay!r}")
-    for name, every in (("inverse_every", inverse_every), ("statistics_every", statistics_every)):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {every!r}")
+    integers = [("inverse_every", inverse_every), ("statistics_every", statistics_every)]
+    integers += [("input_factor_rank", input_factor_rank)] if input_factor_rank is not None else []
+    for name, value in integers:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     return float(ema_decay), inverse_every, statistics_every
 
 

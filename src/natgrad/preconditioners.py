@@ -311,26 +311,19 @@ def kfac(
     column: for a 785-pixel input and k = 32, 12× less. Not with `eigenvalue_correction`.
     """
     kind = kfac_curvature(curvature, fisher_type)
-    if input_factor_rank is not None:
-        if isinstance(input_factor_rank, bool) or not isinstance(input_factor_rank, int):
-            raise ValueError(
-                f"input_factor_rank: expected a positive integer or None, got {input_factor_rank!r}"
-            )
-        if input_factor_rank < 1:
-            raise ValueError(f"input_factor_rank: expected ≥ 1, got {input_factor_rank}")
-        if eigenvalue_correction:
-            raise ValueError(
-                "input_factor_rank: not with eigenvalue_correction=True (EKFAC keeps the full "
-                "eigenbasis of every factor)"
-            )
     weight_sharing = sharing.check(weight_sharing)
     if not isinstance(eigenvalue_correction, bool):
         raise ValueError(
             f"eigenvalue_correction: expected True or False, got {eigenvalue_correction!r}"
         )
     ema_decay, inverse_every, statistics_every = kronecker.check_options(
-        ema_decay, inverse_every, statistics_every
+        ema_decay, inverse_every, statistics_every, input_factor_rank
     )
+    if input_factor_rank is not None and eigenvalue_correction:
+        raise ValueError(
+            "input_factor_rank: not with eigenvalue_correction=True (EKFAC keeps the full "
+            "eigenbasis of every factor)"
+        )
 
     def update(state, params, batch, *, apply_fn, loss, damping, key=None):
         # Every `inverse_every` updates, and whenever λ moved by more than × 2 since the last
