@@ -143,6 +143,24 @@ def test_nonfinite_product_stops_with_a_flag():
     np.testing.assert_array_equal(res.x, jnp.zeros(3))
 
 
+def test_preconditioner_failing_after_an_update_keeps_that_update_flagged():
+    # M⁻¹ fails (NaN) once the residual has shrunk: the first update is good (finite φ), the
+    # next direction cannot be formed. CG stops flagged, with the first iterate.
+    a = spd(jax.random.PRNGKey(7), 6)
+    b = jnp.ones(6)
+    bnorm = jnp.linalg.norm(b)
+
+    def failing(r):
+        return jnp.where(jnp.linalg.norm(r) < 0.999 * bnorm, jnp.nan, 1.0) * r
+
+    res = solvers.cg(lambda v: a @ v, b, maxiter=10, preconditioner=failing)
+    one = solvers.cg(lambda v: a @ v, b, maxiter=1)
+    assert solvers.STATUS_NAMES[int(res.status)] == "nonfinite"
+    assert int(res.iterations) == 1
+    np.testing.assert_allclose(res.x, one.x, rtol=1e-12)
+    np.testing.assert_allclose(res.residual, b - a @ res.x, atol=1e-12)
+
+
 def test_bad_maxiter():
     with pytest.raises(ValueError, match="maxiter"):
         solvers.cg(lambda v: v, jnp.ones(2), maxiter=0)

@@ -17,7 +17,9 @@ What optimisation adds (Martens 2010, "Deep learning via Hessian-free optimizati
 * Martens' stopping rule on relative progress of φ: stop at iteration i when i > k, φ(x_i) < 0
   and (φ(x_i) − φ(x_{i−k})) / φ(x_i) < kε, with k = max(10, ⌈0.1 i⌉) and ε = 5·10⁻⁴;
 * exit on non-positive curvature pᵀAp ≤ 0 (A is not positive definite along p), returning the
-  last good iterate, flagged;
+  last good iterate, flagged (so does a non-finite pᵀAp); a non-finite φ or rᵀM⁻¹r after an
+  update (overflow, a failing preconditioner) ends with status ``nonfinite`` and that update's
+  iterate, which callers must not use (natgrad's optimisers reject the step);
 * the iterates at i = ⌈5·1.3ʲ⌉ saved for Hessian-free backtracking, plus the last one.
 """
 
@@ -51,7 +53,8 @@ class CGResult(NamedTuple):
     """The solution and why CG stopped.
 
     Attributes:
-      x: the last good iterate.
+      x: the last good iterate (with status ``nonfinite``: the last update's, maybe not
+        finite).
       iterations: CG iterations done (products with A, not counting the warm-start residual).
       status: int code, `STATUS_NAMES[status]` says why CG stopped.
       residual: r = b − A x (CG's recursively updated residual), so A x = b − r costs no
@@ -179,8 +182,12 @@ def cg(
         ap = matvec(s.p)
         pap = _tree.vdot(s.p, ap)
         alpha = s.ry / pap
-        x_new = _tree.axpy(alpha, s.p, s.x)
-        r_new = _tree.axpy(-alpha, ap, s.r)
+        # A bad pᵀAp keeps x and r (the last good iterate). The select reads a scalar known
+        # before the update, so XLA fuses it into the update's own pass over the vectors; a
+        # select on φ (known only after another pass) would cost one pass more per iteration.
+        early = (pap <= 0) | ~jnp.isfinite(pap)
+        x_new = _tree.where(early, s.x, _tree.axpy(alpha, s.p, s.x))
+        r_new = _tree.where(early, s.r, _tree.axpy(-alpha, ap, s.r))
         y_new = precond(r_new)
         ry_new = _tree.vdot(r_new, y_new)
         p_new = _tree.axpy(ry_new / s.ry, s.p, y_new)
@@ -204,16 +211,14 @@ def cg(
             [NONFINITE, NEGATIVE_CURVATURE, CONVERGED, MARTENS],
             MAXITER,
         ).astype(jnp.int32)
-        # On bad curvature keep the last good iterate; the step counter does not advance.
-        keep = lambda new, old: _tree.where(bad, old, new)  # noqa: E731
         new = _State(
-            i=jnp.where(bad, s.i, i),
-            x=keep(x_new, s.x),
-            r=keep(r_new, s.r),
-            y=keep(y_new, s.y),
-            p=keep(p_new, s.p),
+            i=jnp.where(early, s.i, i),  # x and r were kept: no iteration was done
+            x=x_new,
+            r=r_new,
+            y=y_new,
+            p=p_new,
             ry=jnp.where(bad, s.ry, ry_new),
-            phi_hist=jnp.where(bad, s.phi_hist, phi_hist),
+            phi_hist=jnp.where(early, s.phi_hist, phi_hist),
             status=status,
             done=bad | converged | stalled,
             saved=s.saved,
