@@ -268,6 +268,41 @@ def test_a_nan_batch_leaves_params_and_state_unchanged():
     assert int(state2.rejected_steps) == 1 and float(state2.step_size) == 0.0
 
 
+@pytest.mark.parametrize("statistics_every", [1, 5])
+def test_a_refused_step_folds_none_of_its_statistics(statistics_every):
+    """K-FAC folds a step's statistics in after its verdict: a finite batch whose step is
+    refused (the loss rose) must leave the averages, inverses and counters as they were."""
+    params = mlp_params(jax.random.PRNGKey(0), [3, 4, 2])
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+    y = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 2)
+    loss = losses.softmax_cross_entropy()
+    good = natgrad.kfac(dense_mlp, loss, statistics_every=statistics_every, inverse_every=1)
+    params, state, _ = train_step(good, dense_mlp, loss)(
+        params, good.init(params), (x, y), jax.random.PRNGKey(0)
+    )
+    assert int(state.preconditioner_state.updates) == 1
+    wild = natgrad.kfac(
+        dense_mlp,
+        loss,
+        learning_rate=1e6,
+        step_rule="fixed",
+        reject_rises=True,
+        statistics_every=statistics_every,
+        inverse_every=1,
+    )
+    step = train_step(wild, dense_mlp, loss)
+    after = state
+    for i in range(3):
+        _, after, _ = step(params, after, (x, y), jax.random.PRNGKey(1 + i))
+    assert int(after.rejected_steps) == 3
+    for a, b in zip(
+        jax.tree.leaves(state.preconditioner_state),
+        jax.tree.leaves(after.preconditioner_state),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
@@ -370,16 +405,24 @@ def test_a_flax_mlp_registers_its_layers_and_gets_the_plain_jax_update():
             )
 
 
-def test_the_state_says_whether_what_it_changed_is_finite():
-    """The optimiser's guard reads `finite` instead of scanning every factor each step: an
-    update folding non-finite statistics, and a refresh inverting non-finite factors, say so."""
+def test_non_finite_statistics_and_inverses_are_dropped_and_flagged():
+    """K-FAC folds a step's statistics in after the step, so nothing rejects them there: an
+    update with non-finite statistics keeps the averages, a refresh of non-finite factors keeps
+    the inverses, and `finite` says so."""
     params = [{"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}]
     state = kronecker.init(params)
-    stats = state.factors._replace(a=(jnp.full((4, 4), jnp.nan),))
     registered = (True,)
-    bad = kronecker.update(state, stats, 1e-3, registered, ema_decay=0.9, refresh=False)
-    assert not bool(bad.finite)
-    good = kronecker.update(state, state.factors, 1e-3, registered, ema_decay=0.9, refresh=True)
-    assert bool(good.finite)
-    assert not bool(kronecker.refresh_inverses(bad, 1e-3, registered, True).finite)
-    assert bool(kronecker.refresh_inverses(bad, 1e-3, registered, False).finite)  # unchanged
+    ones = state.factors._replace(a=(jnp.eye(4),), g=(jnp.eye(2),))
+    good = kronecker.update(state, ones, 1e-3, registered, ema_decay=0.9, refresh=True)
+    assert bool(good.finite) and int(good.updates) == 1
+    assert float(jnp.abs(good.inverses.a[0]).sum()) > 0
+    nan = ones._replace(a=(jnp.full((4, 4), jnp.nan),))
+    bad = kronecker.update(good, nan, 1e-3, registered, ema_decay=0.9, refresh=False)
+    assert not bool(bad.finite) and int(bad.updates) == 1
+    np.testing.assert_array_equal(bad.factors.a[0], good.factors.a[0])
+    poisoned = good._replace(factors=nan)
+    refreshed = kronecker.refresh_inverses(poisoned, 1e-2, registered, True)
+    assert not bool(refreshed.finite)
+    np.testing.assert_array_equal(refreshed.inverses.a[0], good.inverses.a[0])
+    assert float(refreshed.inverse_damping) == float(good.inverse_damping)
+    assert bool(kronecker.refresh_inverses(poisoned, 1e-3, registered, False).finite)

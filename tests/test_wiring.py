@@ -171,9 +171,12 @@ def test_kfac_direction_is_the_dense_block_diagonal_solve():
         inverse_every=1,
         reject_rises=False,
     )
-    updates, state = opt.update(
-        g, opt.init(params), params, batch=(x, y), key=jax.random.PRNGKey(0)
-    )
+    key = jax.random.PRNGKey(0)
+    # The first step has no statistics yet: M = I, a plain gradient step. It folds this batch's
+    # statistics in afterwards, and the next step's direction solves with them.
+    first, state = opt.update(g, opt.init(params), params, batch=(x, y), key=key)
+    np.testing.assert_allclose(flat(first), -flat(g), rtol=1e-12)
+    updates, _ = opt.update(g, state, params, batch=(x, y), key=key)
     factors = state.preconditioner_state.factors
     n = flat(params).size
     m = np.diag(flat(factors.diag) + LAM)  # every block starts diagonal; Kronecker ones below

@@ -43,8 +43,9 @@ def zeros_like(x: PyTree) -> PyTree:
 
 
 def where(cond, x: PyTree, y: PyTree) -> PyTree:
-    """Leafwise `jnp.where(cond, x, y)` for a scalar condition."""
-    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), x, y)
+    """Leafwise `jnp.where(cond, x, y)` for a scalar condition; a leaf that is the same array in
+    x and y is returned as it is (no select for XLA to run)."""
+    return jax.tree.map(lambda a, b: a if a is b else jnp.where(cond, a, b), x, y)
 
 
 def all_finite(x: PyTree) -> jax.Array:

@@ -94,7 +94,8 @@ class KroneckerState(NamedTuple):
     inverse_damping: jax.Array  # λ the inverses were computed with
     registered_by_kind: dict  # the same count per kind: {"dense": n, "conv2d": n, ...}
     eigenbasis: ekfac.Eigenbasis | None = None  # EKFAC's Q_A, Q_G (eigenvalue_correction)
-    finite: jax.Array | bool = True  # whether what the last update changed is finite
+    finite: jax.Array | bool = True  # False when the last update dropped non-finite statistics
+    # or inverses (the previous ones were kept)
 
 
 def check_options(
@@ -188,21 +189,23 @@ def update(
 ) -> KroneckerState:
     """Fold `stats` into the moving averages; recompute the inverses (with this λ) when the
     boolean `refresh` (may be traced) is true; ``refresh=False`` (the Python constant) leaves
-    them out of the computation. ``finite`` checks what changed: the averages, and the inverses
-    and basis unless `refresh` is False."""
+    them out of the computation. Whatever comes out non-finite is dropped — the previous
+    averages, inverses and basis stay — and ``finite`` says whether anything was."""
     t = state.updates
-    factors = _tree.moving_average(state.factors, stats, ema_decay, t)
+    folded = _tree.moving_average(state.factors, stats, ema_decay, t)
+    ok = _tree.all_finite(folded)
+    factors = _tree.where(ok, folded, state.factors)
     if refresh is False:
-        inverses, basis, finite = state.inverses, state.eigenbasis, _tree.all_finite(factors)
+        inverses, basis, fresh = state.inverses, state.eigenbasis, jnp.asarray(True)
     else:
-        factors, inverses, basis = _refresh(state, factors, damping, registered, refresh)
-        finite = _tree.all_finite((factors, inverses, basis))
+        factors, inverses, basis, fresh = _refresh(state, factors, damping, registered, refresh)
+        refresh = refresh & fresh
     return state._replace(
-        updates=t + 1,
+        updates=t + ok.astype(t.dtype),
         factors=factors,
         inverses=inverses,
         eigenbasis=basis,
-        finite=finite,
+        finite=ok & fresh,
         registered_layers=jnp.asarray(sum(registered), jnp.int32),
         registered_by_kind=count_by_kind(layers.find_layers(state.factors.diag), registered),
         inverse_damping=_refreshed_damping(state, damping, refresh),
@@ -211,39 +214,41 @@ def update(
 
 def refresh_inverses(state: KroneckerState, damping, registered, refresh) -> KroneckerState:
     """The inverses (and EKFAC's eigenbasis) recomputed from the current averages when
-    `refresh`, else unchanged. ``finite`` checks what changed: nothing unless `refresh`."""
-    factors, inverses, basis = _refresh(state, state.factors, damping, registered, refresh)
-    finite = lax.cond(
-        refresh, lambda: _tree.all_finite((factors, inverses, basis)), lambda: jnp.asarray(True)
-    )
+    `refresh`, else unchanged; non-finite ones are dropped (``finite`` False, the previous
+    kept)."""
+    factors, inverses, basis, fresh = _refresh(state, state.factors, damping, registered, refresh)
     return state._replace(
         factors=factors,
         inverses=inverses,
         eigenbasis=basis,
-        finite=finite,
-        inverse_damping=_refreshed_damping(state, damping, refresh),
+        finite=fresh,
+        inverse_damping=_refreshed_damping(state, damping, refresh & fresh),
     )
 
 
 def _refresh(state: KroneckerState, factors: Factors, damping, registered, refresh):
-    """(factors, inverses, eigenbasis) after a refresh when `refresh`: K-FAC's damped inverses
-    for the layers without an eigenbasis; for those with one, a new basis from eigh of A and G
-    and the scalings carried into it (`natgrad.ekfac.refresh`)."""
+    """(factors, inverses, eigenbasis, finite) after a refresh when `refresh`: K-FAC's damped
+    inverses for the layers without an eigenbasis; for those with one, a new basis from eigh of
+    A and G and the scalings carried into it (`natgrad.ekfac.refresh`). A refresh whose result
+    is not finite keeps the previous inverses and basis (inside the conditional, so a step
+    without a refresh copies nothing)."""
     basis = state.eigenbasis
     eigen = (
         tuple(False for _ in registered) if basis is None else tuple(q.size > 0 for q in basis.q_a)
     )
     kfac_used = tuple(u and not e for u, e in zip(registered, eigen, strict=True))
+    before = (factors, state.inverses, basis)
 
     def refreshed():
-        inverses = _invert(factors, damping, kfac_used, state.inverses)
-        if basis is None:
-            return factors, inverses, basis
-        use = tuple(u and e for u, e in zip(registered, eigen, strict=True))
-        new_basis, s = ekfac.refresh(basis, factors.a, factors.g, factors.s, use)
-        return factors._replace(s=s), inverses, new_basis
+        new = (factors, _invert(factors, damping, kfac_used, state.inverses), basis)
+        if basis is not None:
+            use = tuple(u and e for u, e in zip(registered, eigen, strict=True))
+            new_basis, s = ekfac.refresh(basis, factors.a, factors.g, factors.s, use)
+            new = (factors._replace(s=s), new[1], new_basis)
+        ok = _tree.all_finite(new)
+        return (*_tree.where(ok, new, before), ok)
 
-    return lax.cond(refresh, refreshed, lambda: (factors, state.inverses, basis))
+    return lax.cond(refresh, refreshed, lambda: (*before, jnp.asarray(True)))
 
 
 def _refreshed_damping(state: KroneckerState, damping, refresh) -> jax.Array:
@@ -391,12 +396,20 @@ def operator(
 ) -> CurvatureOperator:
     """The damped K-FAC approximation F̂ + λ as an operator; `.inverse()` applies (F̂ + λ)⁻¹.
 
+    Before any statistics (``state.updates == 0``) it is the identity, both ways: a
+    preconditioner that knows nothing yet leaves CG plain, and K-FAC's first step is a gradient
+    step whose length its KL rule bounds by √(2δ).
+
     `loss_value`, the mean loss of the statistics' forward pass when there was one, rides along
     so an optimiser needs no second forward pass for it.
     """
+
+    def known(fn):
+        return lambda v: lax.cond(state.updates == 0, lambda: v, lambda: fn(v))
+
     return CurvatureOperator(
-        lambda v: damped_product(state, damping, registered, v),
+        known(lambda v: damped_product(state, damping, registered, v)),
         params,
         loss_value=loss_value,
-        inverse=lambda v: apply_inverse(state, damping, registered, v),
+        inverse=known(lambda v: apply_inverse(state, damping, registered, v)),
     )

@@ -5,11 +5,9 @@ The curvature is block diagonal: a Kronecker product A ⊗ G for each layer the 
 with `natgrad.layers.dense` or `natgrad.layers.conv2d`, a diagonal block for every other
 parameter (`natgrad.kronecker` has the maths). One step, given the gradient g:
 
-1. Curvature (the preconditioner `natgrad.preconditioners.kfac`): one forward and backward pass
-   of the instrumented model on the batch, with targets sampled from the model
-   (``curvature="fisher_mc"``, the true Fisher; hence ``key=``), folded into exponential moving
-   averages (decay `ema_decay`); the inverses of the factored-Tikhonov-damped factors,
-   (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, refreshed every `inverse_every` steps.
+1. Curvature (the preconditioner `natgrad.preconditioners.kfac`): the factors' exponential
+   moving averages (decay `ema_decay`) and the inverses of the factored-Tikhonov-damped
+   factors, (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, as the earlier steps left them.
 2. Direction Δ = F̂⁻¹ g blockwise: A⁻¹ [dW; db] G⁻¹; with momentum, s = Δ + μ s_prev.
 3. Step size: a trust region in KL with the damped K-FAC matrix in place of F,
        α = min(lr, sqrt(2δ / sᵀ(F̂ + λ)s)),   δ = `kl_radius`,
@@ -17,8 +15,15 @@ parameter (`natgrad.kronecker` has the maths). One step, given the gradient g:
    KL clipping" (Ba, Grosse & Martens 2017).
 4. Damping: λ fixed (default) or a `natgrad.damping` rule; a rule that needs the reduction ratio
    gets ρ = (f(θ + p) − f(θ)) / (−α gᵀs + ½ α² sᵀ(F̂ + λ)s) from one extra forward pass.
-5. Guard: if the gradient, the statistics, the direction or α is non-finite, the update is zero
-   and the averages, inverses and momentum stay as they were (`rejected_steps` counts it).
+5. Guard: if the gradient, the direction or α is non-finite, the update is zero and the
+   averages, inverses and momentum stay as they were (`rejected_steps` counts it).
+6. After an accepted step, every `statistics_every` steps: one forward and backward pass of the
+   instrumented model on the batch, with targets sampled from the model
+   (``curvature="fisher_mc"``, the true Fisher; hence ``key=``), folded into the averages; the
+   inverses refreshed every `inverse_every` steps. The step's own statistics thus serve from
+   the next step on (the first step has none: M = I there, a gradient step of length at most
+   √(2δ)), and a rejected step has nothing to restore (restoring the state cost ~23 % of a
+   step).
 
 `state.preconditioner_state` is the `natgrad.kronecker.KroneckerState`; its `registered_layers`
 counts the layers the model passed through `natgrad.layers.dense` / `conv2d` and

@@ -16,9 +16,10 @@ clipping), one step is
                when neither the damping rule nor the guard reads it, or the step rule already
                evaluated f(θ + p)), then λ ← rule.update(λ, ρ) (`natgrad.damping`);
 5. guard       the step is rejected — zero update; direction, momentum and preconditioner state
-               kept — when anything is non-finite, the step rule refuses, or the trial loss
-               rose, f(θ + p) > f(θ) (`reject_rises`, default on: one forward pass per
-               step). A batch whose gradient or loss is non-finite
+               kept (a preconditioner with `operator`, K-FAC, is updated only now, and only
+               after an accepted step) — when anything is non-finite, the step rule refuses,
+               or the trial loss rose, f(θ + p) > f(θ) (`reject_rises`, default on: one
+               forward pass per step). A batch whose gradient or loss is non-finite
                leaves λ as it was; any other rejection raises it (`DampingRule.reject`, or the
                rule's own update at ρ = −∞), never past its bounds.
 
@@ -60,7 +61,7 @@ def transform(
         check_call(parts.name, params, batch, key, needs_key)
         lam = state.damping
         dtype = lam.dtype
-        cbatch, op, approx, pstate, k_curv = _curvature(
+        cbatch, op, approx, pstate, k_curv, k_pre = _curvature(
             apply_fn, loss, parts, state, params, batch, key
         )
         trial_inputs, trial_targets = batch if eval_batch is None else eval_batch
@@ -107,7 +108,8 @@ def transform(
         if f1 is None and (parts.damping.needs_rho or parts.reject_rises):
             f1 = trial(s, alpha)
         finite = res.finite & jnp.isfinite(alpha) & _tree.all_finite((q["sqs"], q["sfs"]))
-        finite = finite if pre is None else finite & pre.finite(pstate)
+        after = pre is not None and pre.operator is not None  # its update follows the verdict
+        finite = finite if pre is None or after else finite & pre.finite(pstate)
         accepted, new_lam, rho = _guard.judge(
             parts.damping,
             lam,
@@ -120,6 +122,19 @@ def transform(
             allowed=allowed,
         )
 
+        if after:  # only an accepted step's statistics are folded in, with the new λ
+            pstate = pre.update(
+                state.preconditioner_state,
+                params,
+                cbatch,
+                apply_fn=apply_fn,
+                loss=loss,
+                damping=new_lam,
+                key=k_pre,
+                accepted=accepted,
+            )[1]
+        elif pre is not None:
+            pstate = _tree.where(accepted, pstate, state.preconditioner_state)
         new_state = advance(
             state,
             accepted,
@@ -142,15 +157,17 @@ def transform(
 
 
 def _curvature(apply_fn, loss, parts: Parts, state, params, batch, key) -> tuple:
-    """Step 1 on the curvature batch: (batch, C or None, M or None, preconditioner state, key)."""
+    """Step 1 on the curvature batch: (batch, C or None, M or None, preconditioner state, C's
+    key, M's key)."""
     uses_op, pre = parts.direction.uses_operator, parts.preconditioner
     k_curv, k_pre = jax.random.split(key) if uses_op and key is not None else (None, key)
     sub = parts.curvature_batch
     cbatch = batch if sub is None else jax.tree.map(lambda a: a[:sub], tuple(batch))
     op = parts.curvature.operator(apply_fn, loss, params, cbatch, key=k_curv) if uses_op else None
     approx, pstate = None, state.preconditioner_state
-    if pre is not None:
-        approx, pstate = pre.update(
-            pstate, params, cbatch, apply_fn=apply_fn, loss=loss, damping=state.damping, key=k_pre
-        )
-    return cbatch, op, approx, pstate, k_curv
+    kwargs = {"apply_fn": apply_fn, "loss": loss, "damping": state.damping, "key": k_pre}
+    if pre is not None and pre.operator is not None:
+        approx = pre.operator(pstate, params, cbatch, **kwargs)
+    elif pre is not None:
+        approx, pstate = pre.update(pstate, params, cbatch, **kwargs)
+    return cbatch, op, approx, pstate, k_curv, k_pre

@@ -94,7 +94,7 @@ def advance(
         backtrack_iteration=jnp.asarray(kept, jnp.int32),
         direction=keep(_tree.cast_like(warm, params), state.direction),
         momentum=keep(_tree.cast_like(s, params), state.momentum),
-        preconditioner_state=keep(preconditioner_state, state.preconditioner_state),
+        preconditioner_state=preconditioner_state,  # the pipeline kept or updated it
     )
 
 
