@@ -16,8 +16,8 @@ clipping), one step is
                when neither the damping rule nor the guard reads it, or the step rule already
                evaluated f(θ + p)), then λ ← rule.update(λ, ρ) (`natgrad.damping`);
 5. guard       the step is rejected — zero update; direction, momentum and preconditioner state
-               kept (a preconditioner with `operator`, K-FAC, is updated only now, and only
-               after an accepted step) — when anything is non-finite, the step rule refuses,
+               kept (K-FAC's is updated only now, after an accepted step:
+               `_preconditioning`) — when anything is non-finite, the step rule refuses,
                or the trial loss rose, f(θ + p) > f(θ) (`reject_rises`, default on: one
                forward pass per step). A batch whose gradient or loss is non-finite
                leaves λ as it was; any other rejection raises it (`DampingRule.reject`, or the
@@ -41,7 +41,7 @@ import optax
 
 from natgrad import _tree
 from natgrad.losses import Loss
-from natgrad.optimizers import _guard, _quadratic
+from natgrad.optimizers import _guard, _preconditioning, _quadratic
 from natgrad.optimizers._directions import DirectionInputs
 from natgrad.optimizers._state import Parts, advance, check_call, initial
 from natgrad.step_rules import StepQuantities
@@ -61,9 +61,9 @@ def transform(
         check_call(parts.name, params, batch, key, needs_key)
         lam = state.damping
         dtype = lam.dtype
-        cbatch, op, approx, pstate, k_curv, k_pre = _curvature(
-            apply_fn, loss, parts, state, params, batch, key
-        )
+        cbatch, op, k_curv, k_pre = _curvature(apply_fn, loss, parts, params, batch, key)
+        pkw = {"apply_fn": apply_fn, "loss": loss, "damping": lam, "key": k_pre}
+        approx, pstate = _preconditioning.before(pre, state, params, cbatch, **pkw)
         trial_inputs, trial_targets = batch if eval_batch is None else eval_batch
 
         def trial(v, alpha):
@@ -108,8 +108,7 @@ def transform(
         if f1 is None and (parts.damping.needs_rho or parts.reject_rises):
             f1 = trial(s, alpha)
         finite = res.finite & jnp.isfinite(alpha) & _tree.all_finite((q["sqs"], q["sfs"]))
-        after = pre is not None and pre.operator is not None  # its update follows the verdict
-        finite = finite if pre is None or after else finite & pre.finite(pstate)
+        finite = finite & _preconditioning.finite(pre, pstate)
         accepted, new_lam, rho = _guard.judge(
             parts.damping,
             lam,
@@ -122,19 +121,9 @@ def transform(
             allowed=allowed,
         )
 
-        if after:  # only an accepted step's statistics are folded in, with the new λ
-            pstate = pre.update(
-                state.preconditioner_state,
-                params,
-                cbatch,
-                apply_fn=apply_fn,
-                loss=loss,
-                damping=new_lam,
-                key=k_pre,
-                accepted=accepted,
-            )[1]
-        elif pre is not None:
-            pstate = _tree.where(accepted, pstate, state.preconditioner_state)
+        pstate = _preconditioning.after(
+            pre, state, pstate, accepted, params, cbatch, **dict(pkw, damping=new_lam)
+        )
         new_state = advance(
             state,
             accepted,
@@ -156,18 +145,11 @@ def transform(
     return optax.GradientTransformationExtraArgs(functools.partial(initial, parts), update_fn)
 
 
-def _curvature(apply_fn, loss, parts: Parts, state, params, batch, key) -> tuple:
-    """Step 1 on the curvature batch: (batch, C or None, M or None, preconditioner state, C's
-    key, M's key)."""
-    uses_op, pre = parts.direction.uses_operator, parts.preconditioner
+def _curvature(apply_fn, loss, parts: Parts, params, batch, key) -> tuple:
+    """Step 1 on the curvature batch: (batch, C or None, C's key, the preconditioner's key)."""
+    uses_op = parts.direction.uses_operator
     k_curv, k_pre = jax.random.split(key) if uses_op and key is not None else (None, key)
     sub = parts.curvature_batch
     cbatch = batch if sub is None else jax.tree.map(lambda a: a[:sub], tuple(batch))
     op = parts.curvature.operator(apply_fn, loss, params, cbatch, key=k_curv) if uses_op else None
-    approx, pstate = None, state.preconditioner_state
-    kwargs = {"apply_fn": apply_fn, "loss": loss, "damping": state.damping, "key": k_pre}
-    if pre is not None and pre.operator is not None:
-        approx = pre.operator(pstate, params, cbatch, **kwargs)
-    elif pre is not None:
-        approx, pstate = pre.update(pstate, params, cbatch, **kwargs)
-    return cbatch, op, approx, pstate, k_curv, k_pre
+    return cbatch, op, k_curv, k_pre
