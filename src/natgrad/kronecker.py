@@ -391,17 +391,12 @@ def damped_product(state: KroneckerState, damping, registered, vec: PyTree) -> P
     return _blockwise(vec, f.diag, damping, registered, kron, lambda r, d: r * d.astype(r.dtype))
 
 
-def operator(
-    state: KroneckerState, damping, registered, params: PyTree, *, loss_value=None
-) -> CurvatureOperator:
+def operator(state: KroneckerState, damping, registered, params: PyTree) -> CurvatureOperator:
     """The damped K-FAC approximation F̂ + λ as an operator; `.inverse()` applies (F̂ + λ)⁻¹.
 
     Before any statistics (``state.updates == 0``) it is the identity, both ways: a
     preconditioner that knows nothing yet leaves CG plain, and K-FAC's first step is a gradient
     step whose length its KL rule bounds by √(2δ).
-
-    `loss_value`, the mean loss of the statistics' forward pass when there was one, rides along
-    so an optimiser needs no second forward pass for it.
     """
 
     def known(fn):
@@ -410,6 +405,5 @@ def operator(
     return CurvatureOperator(
         known(lambda v: damped_product(state, damping, registered, v)),
         params,
-        loss_value=loss_value,
         inverse=known(lambda v: apply_inverse(state, damping, registered, v)),
     )

@@ -372,9 +372,8 @@ def kfac(
         seen = {}
 
         def with_statistics(refresh):
-            stats, registered, outputs = statistics(state, params, batch, apply_fn, loss, key)
+            stats, registered, _ = statistics(state, params, batch, apply_fn, loss, key)
             seen["registered"] = registered
-            seen["loss"] = loss.mean(outputs, batch[1])
             if not any(registered):
                 _warn_unregistered()
             return kronecker.update(
@@ -383,7 +382,6 @@ def kfac(
 
         if statistics_every == 1:
             new = jax.lax.cond(accepted, lambda: with_statistics(refresh), lambda: state)
-            loss_value = seen["loss"]
         else:
             # Statistics on every `statistics_every`-th step, then the inverses when due: two
             # conditionals in a row, so the inversion is compiled once, not once per branch.
@@ -394,9 +392,8 @@ def kfac(
             )
             new = kronecker.refresh_inverses(folded, damping, seen["registered"], refresh)
             new = new._replace(finite=folded.finite & new.finite)
-            loss_value = None  # known on statistics steps only: the optimiser computes its own
         new = new._replace(steps=state.steps + jnp.asarray(accepted, state.steps.dtype))
-        m = kronecker.operator(new, damping, seen["registered"], params, loss_value=loss_value)
+        m = kronecker.operator(new, damping, seen["registered"], params)
         return m, new
 
     def init(params):

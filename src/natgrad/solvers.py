@@ -185,7 +185,8 @@ def cg(
         # A bad pᵀAp keeps x and r (the last good iterate). The select reads a scalar known
         # before the update, so XLA fuses it into the update's own pass over the vectors; a
         # select on φ (known only after another pass) would cost one pass more per iteration.
-        early = (pap <= 0) | ~jnp.isfinite(pap)
+        negative = pap <= 0
+        early = negative | ~jnp.isfinite(pap)
         x_new = _tree.where(early, s.x, _tree.axpy(alpha, s.p, s.x))
         r_new = _tree.where(early, s.r, _tree.axpy(-alpha, ap, s.r))
         y_new = precond(r_new)
@@ -195,7 +196,6 @@ def cg(
         phi = -0.5 * _tree.vdot(x_new, _tree.add(b, r_new))
         phi_hist = s.phi_hist.at[i].set(phi)
 
-        negative = pap <= 0
         nonfinite = jnp.logical_not(jnp.isfinite(pap) & jnp.isfinite(phi) & jnp.isfinite(ry_new))
         bad = negative | nonfinite
         converged = _tree.norm(r_new) <= threshold

@@ -70,9 +70,9 @@ def transform(
             moved = jax.tree.map(lambda p, a: p - (alpha * a).astype(p.dtype), params, v)
             return loss.mean(apply_fn(moved, trial_inputs), trial_targets).astype(dtype)
 
-        # f(θ): the caller's value_and_grad computed it, or the operator's pass did — when that
-        # pass saw the whole batch.
-        known = (op if op is not None else approx) if parts.curvature_batch is None else None
+        # f(θ): the caller's value_and_grad computed it, or the curvature operator's
+        # linearization did — when it saw the whole batch.
+        known = op if parts.curvature_batch is None else None
         if eval_batch is None and value is not None:
             f0 = jnp.asarray(value, dtype)
         elif eval_batch is None and getattr(known, "loss_value", None) is not None:
