@@ -177,8 +177,11 @@ def _compiled(name, build, value, traced, problem, chunk, carry, args):
             return make_chunk(build(v), problem, chunk)(*a)
 
         t0 = time.perf_counter()
-        fn = jax.jit(run if traced else partial(run, value))
         lead = (jnp.float32(value),) if traced else ()
+        # The carry (params, state) is donated: XLA updates it in place rather than copying
+        # what a chunk leaves unchanged (K-FAC's factors between statistics passes).
+        carry_args = (len(lead), len(lead) + 1)
+        fn = jax.jit(run if traced else partial(run, value), donate_argnums=carry_args)
         fn = fn.lower(*lead, *carry, *args, jnp.int32(0)).compile()
         _COMPILED[key] = (fn, time.perf_counter() - t0, problem)  # the problem keeps its id
     fn, seconds, _ = _COMPILED[key]
@@ -206,7 +209,8 @@ def train(
     ``eval_params(params, state)``. Returns (the run's record, the final optimiser state)."""
     root = jax.random.PRNGKey(seed)
     params = problem.init(jax.random.fold_in(root, 0))
-    state = build(value).init(params)
+    # Buffers of their own: the chunk donates them (an optax state may hold params' arrays).
+    params, state = jax.tree.map(jnp.copy, (params, build(value).init(params)))
     order_dev = jnp.asarray(order, jnp.int32)
     args = (problem.inputs, problem.targets, order_dev, jax.random.fold_in(root, 2))
     fn, compile_seconds = _compiled(
