@@ -2,9 +2,10 @@
 
 1. Step time (MLP 784-128-10 at batch 128, and 784-512-512-10 at batch 1024): the whole jitted
    training step (`value_and_grad` + `update` + `apply_updates`) of `natgrad.kfac` with its
-   defaults (statistics every 5 steps, inverses every 50), with the old schedule (statistics
-   every step, inverses every 5), with the guard's trial loss (`reject_rises=True`), and with
-   rank-32-plus-identity input-factor inverses (`input_factor_rank=32`), over
+   defaults (statistics every 5 steps, inverses every 50, input factors wider than 64 inverted
+   as rank 32 plus identity), with the old schedule (statistics every step, inverses every 5),
+   with the guard's trial loss (`reject_rises=True`), and with exact inverses of every factor
+   (`input_factor_rank=None`, the default before), over
    `optax.sgd`'s, each jitted with its parameters and state donated as a training loop runs it
    (K-FAC's factors and inverses are then updated in place rather than copied every step; the
    row ``kfac_not_donated`` is the default K-FAC jitted without donation, ÷ the donated SGD
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +55,7 @@ def _optimizers(apply_fn, loss):
         "kfac": kfac(apply_fn, loss),
         "kfac_reject_rises": kfac(apply_fn, loss, reject_rises=True),
         "kfac_every_step_inverse_5": kfac(apply_fn, loss, statistics_every=1, inverse_every=5),
-        "kfac_input_factor_rank_32": kfac(apply_fn, loss, input_factor_rank=32),
+        "kfac_exact_inverses": kfac(apply_fn, loss, input_factor_rank=None),
     }
 
 
@@ -100,45 +102,50 @@ def bench_steps(sizes, batch_size, rounds: int, period: int) -> dict:
 
 
 def bench_phases(sizes, batch_size, repeats: int) -> dict:
-    """Each phase of a K-FAC step ÷ an SGD step, and their amortised sum."""
+    """Each phase of a K-FAC step ÷ an SGD step, and their amortised sum: with the default
+    rank-32 input-factor inverses and with exact ones (the statistics are the same pass)."""
     params, apply_fn, data, loss = setup(sizes, batch_size)
     key = jax.random.PRNGKey(2)
     sgd = optax.sgd(0.1)
     sgd_step = jax.jit(training.make_step(sgd, apply_fn, loss))
     sgd_state = sgd.init(params)
     grads = jax.grad(lambda p: loss.mean(apply_fn(p, data[0]), data[1]))(params)
-    pre = preconditioners.kfac(statistics_every=1, inverse_every=1)
-    state = pre.init(params)
-
-    def statistics_pass(state, params, data, key):
-        stats, registered, _ = kronecker.statistics(apply_fn, loss, params, data, key=key)
-        return kronecker.update(state, stats, 1e-3, registered, ema_decay=0.95, refresh=False)
-
-    stats_fn = jax.jit(statistics_pass)
-    state = stats_fn(state, params, data, key)
-    registered = (True,) * len(state.factors.a)
-    inverse_fn = jax.jit(lambda st: kronecker.refresh_inverses(st, 1e-3, registered, True))
-    state = inverse_fn(state)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1])))
+    forward_fn = jax.jit(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1]))
     phases = {
         "sgd_step": lambda: sgd_step(params, sgd_state, data, key),
         "gradient": lambda: grad_fn(params, data),
         "forward": lambda: forward_fn(params, data),
-        "statistics": lambda: stats_fn(state, params, data, key),
-        "inverses": lambda: inverse_fn(state),
-        "application": lambda: apply_fn_(state, grads),
     }
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1])))
-    forward_fn = jax.jit(lambda p, d: loss.mean(apply_fn(p, d[0]), d[1]))
-    apply_fn_ = jax.jit(lambda st, g: kronecker.apply_inverse(st, 1e-3, registered, g))
+    variants = {"default": defaults.KFAC_INPUT_FACTOR_RANK, "exact": None}
+    for name, rank in variants.items():
+        pre = preconditioners.kfac(statistics_every=1, inverse_every=1, input_factor_rank=rank)
+        state = pre.init(params)
+
+        def statistics_pass(state, params, data, key):
+            stats, registered, _ = kronecker.statistics(apply_fn, loss, params, data, key=key)
+            return kronecker.update(state, stats, 1e-3, registered, ema_decay=0.95, refresh=False)
+
+        stats_fn = jax.jit(statistics_pass)
+        state = stats_fn(state, params, data, key)
+        registered = (True,) * len(state.factors.a)
+        inverse_fn = jax.jit(lambda st, r=registered: kronecker.refresh_inverses(st, 1e-3, r, True))
+        state = inverse_fn(state)
+        apply_inv = jax.jit(lambda st, g, r=registered: kronecker.apply_inverse(st, 1e-3, r, g))
+        if name == "default":
+            phases["statistics"] = partial(stats_fn, state, params, data, key)
+        phases[f"inverses_{name}"] = partial(inverse_fn, state)
+        phases[f"application_{name}"] = partial(apply_inv, state, grads)
     seconds = {name: median_seconds(fn, repeats=repeats) for name, fn in phases.items()}
     ratio = {name: t / seconds["sgd_step"] for name, t in seconds.items()}
     every_s, every_i = defaults.KFAC_STATISTICS_EVERY, defaults.KFAC_INVERSE_EVERY
-    amortised = (
-        ratio["gradient"]
-        + ratio["application"]
+    amortised = {
+        name: ratio["gradient"]
+        + ratio[f"application_{name}"]
         + ratio["statistics"] / every_s
-        + ratio["inverses"] / every_i
-    )
+        + ratio[f"inverses_{name}"] / every_i
+        for name in variants
+    }
     return {
         "model": list(sizes),
         "batch_size": batch_size,
@@ -146,6 +153,7 @@ def bench_phases(sizes, batch_size, repeats: int) -> dict:
         "amortised_sum_over_sgd": amortised,
         "statistics_every": every_s,
         "inverse_every": every_i,
+        "input_factor_rank": variants,
     }
 
 
@@ -223,7 +231,8 @@ def _show(payload: dict):
     for block in payload["phases"]:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in block["phase_over_sgd"].items())
         yield f"  phases ÷ sgd, MLP {block['model']}: {parts}"
-        yield f"    amortised sum {block['amortised_sum_over_sgd']:.2f}"
+        sums = ", ".join(f"{k} {v:.2f}" for k, v in block["amortised_sum_over_sgd"].items())
+        yield f"    amortised sum (input-factor inverses): {sums}"
     for block in payload["cg"]:
         yield f"  CG to tol {block['tol']:g} at damping {block['damping']:g}:"
         for name, row in block["preconditioners"].items():

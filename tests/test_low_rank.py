@@ -132,3 +132,43 @@ def test_input_factor_rank_is_not_for_ekfac():
         natgrad.kfac(
             _mlp, losses.softmax_cross_entropy(), input_factor_rank=8, eigenvalue_correction=True
         )
+
+
+def _dense_layers(sizes):
+    def apply(params, x):
+        for i, layer in enumerate(params):
+            x = natgrad.layers.dense(layer, x)
+            x = jax.nn.tanh(x) if i < len(params) - 1 else x
+        return x
+
+    keys = jax.random.split(jax.random.PRNGKey(3), len(sizes) - 1)
+    params = [
+        {"w": 0.1 * jax.random.normal(k, (m, n)), "b": jnp.zeros(n)}
+        for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+    return apply, params
+
+
+def test_kfac_default_inverts_input_factors_wider_than_512_as_rank_32():
+    """``input_factor_rank="auto"`` (`defaults.KFAC_INPUT_FACTOR_RANK`): rank 32 for the 601-
+    and 521-wide input factors, exact for the 512-wide and 17-wide ones; an int k takes every
+    factor wider than 2k; None, and the default with EKFAC, invert every factor exactly."""
+    from natgrad.optimizers import defaults
+
+    apply, params = _dense_layers((600, 520, 511, 16, 3))
+    loss = losses.softmax_cross_entropy()
+
+    def inverses(**kwargs):
+        state = natgrad.kfac(apply, loss, **kwargs).init(params).preconditioner_state
+        return [isinstance(a, low_rank.LowRankInverse) for a in state.inverses.a], state
+
+    kinds, state = inverses()
+    assert defaults.KFAC_INPUT_FACTOR_RANK == "auto" and kinds == [True, True, False, False]
+    assert [state.inverses.a[i].q.shape for i in (0, 1)] == [(601, 32), (521, 32)]
+    assert inverses(input_factor_rank=8)[0] == [True, True, True, True]
+    assert inverses(input_factor_rank=None)[0] == [False] * 4
+    assert inverses(eigenvalue_correction=True)[0] == [False] * 4
+    with pytest.raises(ValueError, match="input_factor_rank.*'auto'"):
+        natgrad.kfac(apply, loss, input_factor_rank="automatic")
+    with pytest.raises(ValueError, match="input_factor_rank.*'auto'"):
+        natgrad.preconditioners.kfac(input_factor_rank="exact")

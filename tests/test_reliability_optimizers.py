@@ -296,3 +296,39 @@ def test_kfac_warns_when_no_layer_is_declared():
         declared.update(
             grads, declared.init(params), params, batch=(x, y), key=jax.random.PRNGKey(0)
         )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: natgrad.natural_gradient(relu_mlp, CE),
+        lambda: natgrad.natural_gradient(
+            relu_mlp, CE, preconditioner=natgrad.preconditioners.kfac()
+        ),
+        lambda: natgrad.hessian_free(relu_mlp, CE),
+        lambda: natgrad.kfac(relu_mlp, CE, statistics_every=1, inverse_every=2),
+        lambda: natgrad.kfac(relu_mlp, CE, eigenvalue_correction=True),
+    ],
+    ids=["natural_gradient", "ngd_kfac_preconditioner", "hessian_free", "kfac", "ekfac"],
+)
+def test_the_state_can_be_donated_to_a_jitted_step(make):
+    """A training loop donates params and state (`jax.jit(..., donate_argnums=(0, 1))`) so that
+    XLA updates K-FAC's factors in place. Before, `init` put one zero array in several fields
+    (and K-FAC's inverses shared their factors' arrays): XLA refused with "Attempt to donate
+    the same buffer twice". The 601-wide input factor gets the default rank-32 inverse."""
+    params = init((600, 8, 3))
+    x, y = data(d=600)
+    opt = make()
+
+    def step(params, state, key):
+        value, grads = jax.value_and_grad(lambda p: CE.mean(relu_mlp(p, x), y))(params)
+        updates, state = opt.update(grads, state, params, batch=(x, y), key=key, value=value)
+        return optax.apply_updates(params, updates), state, value
+
+    donated = jax.jit(step, donate_argnums=(0, 1))
+    params, state = jax.tree.map(jnp.copy, params), opt.init(params)
+    values = []
+    for i in range(4):  # the outputs of one call are the donated inputs of the next
+        params, state, value = donated(params, state, jax.random.PRNGKey(i))
+        values.append(float(value))
+    assert all(np.isfinite(values)) and values[-1] < values[0]

@@ -102,12 +102,16 @@ def check_options(
     ema_decay, inverse_every, statistics_every=1, input_factor_rank=None
 ) -> tuple[float, int, int]:
     """K-FAC's options, validated (ValueError naming the argument); `input_factor_rank` may be
-    None."""
+    None or ``"auto"``."""
     bad_decay = isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float)
     if bad_decay or not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {ema_decay!r}")
     integers = [("inverse_every", inverse_every), ("statistics_every", statistics_every)]
-    integers += [("input_factor_rank", input_factor_rank)] if input_factor_rank is not None else []
+    if isinstance(input_factor_rank, str) and input_factor_rank != "auto":
+        expected = "an integer >= 1, None or 'auto'"
+        raise ValueError(f"input_factor_rank: expected {expected}, got {input_factor_rank!r}")
+    if input_factor_rank is not None and not isinstance(input_factor_rank, str):
+        integers.append(("input_factor_rank", input_factor_rank))
     for name, value in integers:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
@@ -130,12 +134,14 @@ def _has_eigenbasis(slot) -> bool:
 
 
 def init(
-    params: PyTree, eigenvalue_correction: bool = False, input_factor_rank: int | None = None
+    params: PyTree,
+    eigenvalue_correction: bool = False,
+    input_factor_rank: int | str | None = None,
 ) -> KroneckerState:
     """Zero factors and inverses for every layer-looking dict of `params` (and with
     `eigenvalue_correction` an identity eigenbasis and zero scalings, `natgrad.ekfac`; with
     `input_factor_rank` k, a rank-k-plus-identity inverse for each full input factor wider than
-    2k, `natgrad.low_rank`)."""
+    2k, with ``"auto"`` rank 32 for those wider than 512: `natgrad.low_rank.resolve`)."""
     nodes, _ = layers.flatten(params)
     slots = layers.find_layers(params)
     a, g, a_inv = [], [], []
@@ -144,9 +150,9 @@ def init(
         shape_a, shape_g = _factor_shapes(s)
         a.append(jnp.zeros(shape_a, dtype))
         g.append(jnp.zeros(shape_g, dtype))
-        k = input_factor_rank
-        wide = k is not None and len(shape_a) == 2 and shape_a[0] > 2 * k
-        a_inv.append(low_rank.init(shape_a[0], k, dtype) if wide else a[-1])
+        rule = low_rank.resolve(input_factor_rank)
+        wide = rule is not None and len(shape_a) == 2 and shape_a[0] > rule[1]
+        a_inv.append(low_rank.init(shape_a[0], rule[0], dtype) if wide else jnp.zeros_like(a[-1]))
     basis, scalings = None, ()
     if eigenvalue_correction:
         sizes = [(s.m + s.has_bias, s.n) if _has_eigenbasis(s) else (0, 0) for s in slots]
@@ -154,15 +160,17 @@ def init(
         basis = ekfac.init(sizes, dtypes)
         scalings = tuple(jnp.zeros(k, dt) for k, dt in zip(sizes, dtypes, strict=True))
     factors = Factors(tuple(a), tuple(g), _tree.zeros_like(params), scalings)
-    zero = jnp.zeros((), jnp.int32)
+    # Every leaf its own buffer (no array shared between fields): a training step may donate
+    # the state, and XLA refuses to take one buffer twice.
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
     return KroneckerState(
-        zero,
-        zero,
+        zero(),
+        zero(),
         factors,
-        Inverses(tuple(a_inv), tuple(g)),
-        zero,
+        Inverses(tuple(a_inv), tuple(jnp.zeros_like(x) for x in g)),
+        zero(),
         jnp.zeros((), jnp.float32),
-        {kind: zero for kind in blocks.KINDS},
+        {kind: zero() for kind in blocks.KINDS},
         basis,
     )
 

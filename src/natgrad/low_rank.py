@@ -1,4 +1,9 @@
-r"""A rank-k-plus-identity inverse of a large damped Kronecker factor (opt-in, `input_factor_rank`).
+r"""A rank-k-plus-identity inverse of a large damped Kronecker factor (`input_factor_rank`).
+
+`input_factor_rank=k` applies it to every input factor wider than 2k; ``"auto"`` (the default
+of `natgrad.kfac`) to those wider than `AUTO_MIN_WIDTH` = 512 with k = `AUTO_RANK` = 32, where
+the exact application costs at least 8× the low-rank one and a narrower factor stays exact.
+The preconditioner `natgrad.preconditioners.kfac` inverts exactly unless asked.
 
 K-FAC's step applies M⁻¹ = (A + dI)⁻¹ to the gradient of every layer. For a wide input (785
 pixels and a bias for an MNIST MLP) that product, n² per output column, costs more than the
@@ -25,9 +30,30 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LowRankInverse", "init", "factorise", "apply", "ITERATIONS"]
+__all__ = [
+    "LowRankInverse",
+    "init",
+    "factorise",
+    "apply",
+    "resolve",
+    "ITERATIONS",
+    "AUTO_RANK",
+    "AUTO_MIN_WIDTH",
+]
 
 ITERATIONS = 4  # subspace iterations per refresh
+AUTO_RANK = 32
+AUTO_MIN_WIDTH = 512  # n ≥ 16k: the exact n² per column ≥ 8× the low-rank 2nk
+
+
+def resolve(input_factor_rank) -> tuple[int, int] | None:
+    """(k, the width an input factor must exceed) for `input_factor_rank` — an int k: (k, 2k);
+    ``"auto"``: (`AUTO_RANK`, `AUTO_MIN_WIDTH`); None: no low-rank inverse."""
+    if input_factor_rank is None:
+        return None
+    if isinstance(input_factor_rank, str):
+        return AUTO_RANK, AUTO_MIN_WIDTH
+    return input_factor_rank, 2 * input_factor_rank
 
 
 class LowRankInverse(NamedTuple):

@@ -7,7 +7,10 @@ parameter (`natgrad.kronecker` has the maths). One step, given the gradient g:
 
 1. Curvature (the preconditioner `natgrad.preconditioners.kfac`): the factors' exponential
    moving averages (decay `ema_decay`) and the inverses of the factored-Tikhonov-damped
-   factors, (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, as the earlier steps left them.
+   factors, (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, as the earlier steps left them. An input
+   factor wider than 512 (a 785-pixel input) is inverted as rank 32 plus a scaled identity
+   (`natgrad.low_rank`; ``input_factor_rank=None`` inverts it exactly): applying its exact
+   inverse cost more than the layer's forward and backward pass.
 2. Direction Δ = F̂⁻¹ g blockwise: A⁻¹ [dW; db] G⁻¹; with momentum, s = Δ + μ s_prev.
 3. Step size: a trust region in KL with the damped K-FAC matrix in place of F,
        α = min(lr, sqrt(2δ / sᵀ(F̂ + λ)s)),   δ = `kl_radius`,
@@ -64,7 +67,7 @@ def kfac(
     reject_rises: bool = defaults.KFAC_REJECT_RISES,
     weight_sharing: str = "expand",
     eigenvalue_correction: bool = False,
-    input_factor_rank: int | None = None,
+    input_factor_rank: int | str | None = defaults.KFAC_INPUT_FACTOR_RANK,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: updates = −α F̂⁻¹ g, F̂ Kronecker-factored per dense layer, α from a KL trust region.
 
@@ -102,7 +105,8 @@ def kfac(
         s = E[(Q_Aᵀ ∇W̄_b Q_G)²], damped as s + λ; dense and conv layers (`natgrad.ekfac`).
       input_factor_rank: k: invert each input factor wider than 2k as rank k plus a scaled
         identity (`natgrad.low_rank`), a cheaper application for wide inputs (785 pixels:
-        12× fewer flops at k = 32); None (default) inverts exactly.
+        12× fewer flops at k = 32); None inverts exactly; ``"auto"`` (default) is rank 32
+        for input factors wider than 512 only, and exact with `eigenvalue_correction`.
 
     The update needs ``batch=(inputs, targets)`` and, unless ``curvature="empirical_fisher"``,
     ``key=``; it accepts ``eval_batch=`` for the damping rule's trial loss.

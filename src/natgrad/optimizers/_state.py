@@ -56,18 +56,20 @@ def initial(parts: Parts, params: PyTree) -> State:
     """The state before the first step: λ = the rule's initial value, zero direction/momentum."""
     check_params(parts.name, params)
     dtype = scalar_dtype(params)
-    zero = jnp.zeros((), jnp.int32)
+    # Every leaf its own buffer: a training step may donate the state (XLA refuses to take one
+    # buffer twice).
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
     pre = parts.preconditioner
     return State(
-        count=zero,
+        count=zero(),
         damping=jnp.asarray(parts.damping.initial, dtype),
         step_size=jnp.zeros((), dtype),
         rho=jnp.asarray(jnp.nan, dtype),
         step_kl=jnp.zeros((), dtype),
-        rejected_steps=zero,
-        cg_iterations=zero,
-        cg_status=zero,
-        backtrack_iteration=zero,
+        rejected_steps=zero(),
+        cg_iterations=zero(),
+        cg_status=zero(),
+        backtrack_iteration=zero(),
         direction=_tree.zeros_like(params),
         momentum=_tree.zeros_like(params),
         preconditioner_state=None if pre is None else pre.init(params),
