@@ -307,17 +307,25 @@ def test_kfac_warns_when_no_layer_is_declared():
         ),
         lambda: natgrad.hessian_free(relu_mlp, CE),
         lambda: natgrad.kfac(relu_mlp, CE, statistics_every=1, inverse_every=2),
+        lambda: natgrad.kfac(relu_mlp, CE, inverse_every=2, input_factor_rank=2),
         lambda: natgrad.kfac(relu_mlp, CE, eigenvalue_correction=True),
     ],
-    ids=["natural_gradient", "ngd_kfac_preconditioner", "hessian_free", "kfac", "ekfac"],
+    ids=[
+        "natural_gradient",
+        "ngd_kfac_preconditioner",
+        "hessian_free",
+        "kfac",
+        "kfac_low_rank",
+        "ekfac",
+    ],
 )
 def test_the_state_can_be_donated_to_a_jitted_step(make):
     """A training loop donates params and state (`jax.jit(..., donate_argnums=(0, 1))`) so that
     XLA updates K-FAC's factors in place. Before, `init` put one zero array in several fields
     (and K-FAC's inverses shared their factors' arrays): XLA refused with "Attempt to donate
-    the same buffer twice". The 601-wide input factor gets the default rank-32 inverse."""
-    params = init((600, 8, 3))
-    x, y = data(d=600)
+    the same buffer twice". (`kfac_low_rank`: the 9-wide input factor gets a rank-2 inverse.)"""
+    params = init()
+    x, y = data()
     opt = make()
 
     def step(params, state, key):
