@@ -107,10 +107,9 @@ def check_options(
     if bad_decay or not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {ema_decay!r}")
     integers = [("inverse_every", inverse_every), ("statistics_every", statistics_every)]
-    if isinstance(input_factor_rank, str) and input_factor_rank != "auto":
-        expected = "an integer >= 1, None or 'auto'"
-        raise ValueError(f"input_factor_rank: expected {expected}, got {input_factor_rank!r}")
-    if input_factor_rank is not None and not isinstance(input_factor_rank, str):
+    if isinstance(input_factor_rank, str):
+        low_rank.resolve(input_factor_rank)  # "auto", or a ValueError naming the argument
+    elif input_factor_rank is not None:
         integers.append(("input_factor_rank", input_factor_rank))
     for name, value in integers:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

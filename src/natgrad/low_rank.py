@@ -48,10 +48,14 @@ AUTO_MIN_WIDTH = 512  # n ≥ 16k: the exact n² per column ≥ 8× the low-rank
 
 def resolve(input_factor_rank) -> tuple[int, int] | None:
     """(k, the width an input factor must exceed) for `input_factor_rank` — an int k: (k, 2k);
-    ``"auto"``: (`AUTO_RANK`, `AUTO_MIN_WIDTH`); None: no low-rank inverse."""
+    ``"auto"``: (`AUTO_RANK`, `AUTO_MIN_WIDTH`); None: no low-rank inverse. Any other string
+    raises ValueError (ints are checked by `natgrad.kronecker.check_options`)."""
     if input_factor_rank is None:
         return None
     if isinstance(input_factor_rank, str):
+        if input_factor_rank != "auto":
+            expected = "an integer >= 1, None or 'auto'"
+            raise ValueError(f"input_factor_rank: expected {expected}, got {input_factor_rank!r}")
         return AUTO_RANK, AUTO_MIN_WIDTH
     return input_factor_rank, 2 * input_factor_rank
 
