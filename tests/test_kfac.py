@@ -426,3 +426,53 @@ def test_non_finite_statistics_and_inverses_are_dropped_and_flagged():
     np.testing.assert_array_equal(refreshed.inverses.a[0], good.inverses.a[0])
     assert float(refreshed.inverse_damping) == float(good.inverse_damping)
     assert bool(kronecker.refresh_inverses(poisoned, 1e-3, registered, False).finite)
+
+
+@pytest.mark.parametrize("eigh_max_width", [kronecker.EIGH_MAX_WIDTH, 6])
+def test_refreshed_inverses_invert_every_damped_factor(monkeypatch, eigh_max_width):
+    """Factors of widths 13, 12, 7, 5 and 3 (A's with their bias): one batched eigh inverts
+    those no wider than `EIGH_MAX_WIDTH` (padded with identity blocks, grouped by width), LU
+    the wider ones; each must be the damped factor's inverse, in float64."""
+    monkeypatch.setattr(kronecker, "EIGH_MAX_WIDTH", eigh_max_width)
+    params = mlp_params(jax.random.PRNGKey(0), [12, 6, 4, 3])
+    state = kronecker.init(params)
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
+
+    def spd(f):
+        x = jax.random.normal(next(keys), (f.shape[0], 2 * f.shape[0]), jnp.float64)
+        return x @ x.T / x.shape[1]
+
+    factors = state.factors._replace(
+        a=tuple(spd(a) for a in state.factors.a), g=tuple(spd(g) for g in state.factors.g)
+    )
+    lam = 0.3
+    state = kronecker.refresh_inverses(state._replace(factors=factors), lam, (True,) * 3, True)
+    assert bool(state.finite)
+    for a, g, a_inv, g_inv in zip(factors.a, factors.g, *state.inverses, strict=True):
+        da, dg = kronecker.pi_damping(a, g, lam)
+        for m, d, inv in ((a, da, a_inv), (g, dg, g_inv)):
+            want = np.linalg.inv(np.asarray(m) + float(d) * np.eye(m.shape[0]))
+            np.testing.assert_allclose(inv, want, rtol=1e-9, atol=1e-12)
+
+
+def test_inverse_of_a_slightly_indefinite_factor_is_positive_definite_and_bounded():
+    """A factor is PSD in exact arithmetic; rounding (float32 running averages, reductions
+    across devices) can leave eigenvalues slightly below 0, below −d even when the damping d is
+    tiny. Then the damped factor is indefinite and its exact inverse (what LU returned) has a
+    negative eigenvalue: an uphill preconditioner. The batched eigh clamps the damped
+    eigenvalues at d, so the inverse is positive definite and no larger than 1/d."""
+    params = mlp_params(jax.random.PRNGKey(0), [40, 6, 3])
+    state = kronecker.init(params)
+    x = jax.random.normal(jax.random.PRNGKey(3), (41, 10), jnp.float64)
+    v = jax.random.normal(jax.random.PRNGKey(4), (41,), jnp.float64)
+    v = v - x @ jnp.linalg.lstsq(x, v)[0]  # in the null space of x xᵀ
+    a = x @ x.T - 1e-4 * jnp.outer(v, v) / (v @ v)  # eigenvalue −1e-4 along v
+    g = tuple(g + jnp.eye(g.shape[0]) for g in state.factors.g)
+    factors = state.factors._replace(a=(a, state.factors.a[1] + jnp.eye(7)), g=g)
+    state = kronecker.refresh_inverses(state._replace(factors=factors), 1e-12, (True, True), True)
+    da, _ = kronecker.pi_damping(a, g[0], 1e-12)
+    assert float(da) < 1e-4  # so a + d I is indefinite
+    inv = np.asarray(state.inverses.a[0])
+    eig = np.linalg.eigvalsh(inv)
+    assert bool(state.finite) and np.allclose(inv, inv.T)
+    assert eig.min() > 0 and eig.max() <= 1.0001 / float(da)

@@ -48,9 +48,18 @@ def where(cond, x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: a if a is b else jnp.where(cond, a, b), x, y)
 
 
-def all_finite(x: PyTree) -> jax.Array:
-    leaves = jax.tree.leaves(x)
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves else True
+def all_finite(x: PyTree) -> jax.Array | bool:
+    """Whether every entry of every leaf is finite.
+
+    As Σ (a · 0) = 0: a · 0 is 0 for a finite a and NaN for ±inf or NaN, so the sum is exactly
+    0 or NaN. One fused multiply-and-sum per leaf, where ``all(isfinite(a))`` compiled to three
+    kernels per leaf on XLA's CPU backend (a boolean reduction goes through a reduce-window);
+    the optimisers check their state with it every step, so this shortened their compile.
+    """
+    leaves = [jnp.asarray(a) for a in jax.tree.leaves(x)]
+    if not leaves:
+        return True
+    return jnp.isfinite(sum(jnp.sum(a * 0) for a in leaves))
 
 
 def cast_like(x: PyTree, like: PyTree) -> PyTree:

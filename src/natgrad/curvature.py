@@ -46,6 +46,7 @@ __all__ = [
     "fisher",
     "fisher_mc",
     "empirical_fisher",
+    "sampled_scores",
     "hessian",
     "CURVATURES",
     "Curvature",
@@ -185,10 +186,21 @@ def fisher_mc(
     if int(num_samples) < 1:
         raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples}")
     lin, targets = _linearize(apply_fn, loss, params, batch)
-    keys = jax.random.split(key, int(num_samples))
-    sampled = jax.vmap(lambda k: loss.sample(k, lin.outputs))(keys)
-    scores = jax.vmap(lambda t: loss.score(lin.outputs, t))(sampled)
+    scores = sampled_scores(loss, lin.outputs, key, int(num_samples))
     return _output_space_operator(lin, loss, params, targets, _outer_mv(scores))
+
+
+def sampled_scores(loss: Loss, outputs, key: jax.Array, num_samples: int) -> jax.Array:
+    """Scores s̃_s = ∇_z ℓ(z, ỹ_s) of `num_samples` targets ỹ_s ~ p(·|z), stacked: (S, B, ...).
+
+    One sample (the default) is drawn without `jax.vmap`: a vmapped draw compiled to loops
+    over the key on XLA's CPU backend (the same numbers either way).
+    """
+    keys = jax.random.split(key, num_samples)
+    if num_samples == 1:
+        return loss.score(outputs, loss.sample(keys[0], outputs))[None]
+    sampled = jax.vmap(lambda k: loss.sample(k, outputs))(keys)
+    return jax.vmap(lambda t: loss.score(outputs, t))(sampled)
 
 
 def empirical_fisher(
@@ -287,9 +299,7 @@ class Curvature:
         if self.name == "fisher_mc":
             if key is None:
                 raise ValueError("key: curvature 'fisher_mc' samples targets and needs a PRNG key")
-            keys = jax.random.split(key, self.num_samples)
-            sampled = jax.vmap(lambda k: loss.sample(k, outputs))(keys)
-            scores = jax.vmap(lambda t: loss.score(outputs, t))(sampled)
+            scores = sampled_scores(loss, outputs, key, self.num_samples)
             return scores / jnp.sqrt(jnp.asarray(self.num_samples, scores.dtype))
         raise ValueError(
             "curvature: 'hessian' is not a Gauss-Newton-type matrix and has no output-space "

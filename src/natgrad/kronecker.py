@@ -301,22 +301,73 @@ def _left(a, v: jax.Array) -> jax.Array:
     return a[:, None] * v if a.ndim == 1 else a @ v
 
 
-def _spd_inverse(m: jax.Array) -> jax.Array:
-    """M⁻¹ for a damped (so well-posed) SPD factor, symmetrised.
+EIGH_MAX_WIDTH = 512  # exact factors up to this width are inverted by a batched eigh
+
+
+def _lu_inverse(m: jax.Array) -> jax.Array:
+    """M⁻¹ for a damped (so well-posed) SPD factor wider than `EIGH_MAX_WIDTH`, symmetrised.
 
     LU (`jnp.linalg.inv`) rather than Cholesky + two triangular solves: on XLA's CPU backend the
     latter measured 29-571 ms for a 785 × 785 float32 factor (erratic under load), LU a steady
-    27-37 ms; the factors are damped, so LU's lack of pivot-free SPD guarantees costs nothing.
-    A diagonal factor (a vector) is inverted elementwise.
+    27-37 ms, eigh 78 ms.
     """
-    if m.ndim == 1:
-        return 1 / m
     inv = jnp.linalg.inv(m)
     return 0.5 * (inv + inv.T)
 
 
+def _eigh_inverses(ms: list[jax.Array], floors: list) -> list[jax.Array]:
+    """(M_i)⁻¹ for damped SPD factors M_i = F_i + d_i I no wider than `EIGH_MAX_WIDTH`, from one
+    batched eigendecomposition per group of similar widths.
+
+    Each M_i is padded with an identity block to its group's width n (the inverse of
+    diag(M_i, I) is diag(M_i⁻¹, I)) and the group inverted as Q diag(1 / max(w, d_i)) Qᵀ: F_i is
+    PSD, so M_i's eigenvalues are ≥ d_i, and clamping there keeps rounding (a rank-deficient
+    F_i, tiny damping) from producing a huge or negative inverse. One eigh for all the small
+    factors compiles in a fraction of one LU inverse per factor (0.11 s against 0.91 s for a
+    784-128-10 MLP's three, on XLA's CPU backend); at these widths it runs in a few
+    milliseconds per refresh. A group gathers widths (largest first) while its padded cost, n³
+    per member, stays within twice its members' own Σ n_i³.
+    """
+    order = sorted(range(len(ms)), key=lambda i: (str(ms[i].dtype), -ms[i].shape[0]))
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and ms[g[0]].dtype == ms[i].dtype:
+            n = ms[g[0]].shape[0]
+            own = sum(ms[j].shape[0] ** 3 for j in g) + ms[i].shape[0] ** 3
+            if (len(g) + 1) * n**3 <= 2 * own:
+                g.append(i)
+                continue
+        groups.append([i])
+    out: list = [None] * len(ms)
+    for g in groups:
+        n, dtype = ms[g[0]].shape[0], ms[g[0]].dtype
+        stack = jnp.stack([_pad_identity(ms[i], n) for i in g])
+        floor = jnp.stack([jnp.asarray(floors[i], dtype) for i in g])
+        w, q = jnp.linalg.eigh(stack)
+        inv = (q / jnp.maximum(w, floor[:, None])[:, None, :]) @ jnp.swapaxes(q, -1, -2)
+        inv = 0.5 * (inv + jnp.swapaxes(inv, -1, -2))
+        for j, i in enumerate(g):
+            k = ms[i].shape[0]
+            out[i] = inv[j, :k, :k]
+    return out
+
+
+def _pad_identity(m: jax.Array, n: int) -> jax.Array:
+    """diag(M, I) of width n."""
+    k = m.shape[0]
+    if k == n:
+        return m
+    eye = jnp.eye(n, dtype=m.dtype)
+    return eye.at[:k, :k].set(m)
+
+
 def _invert(factors: Factors, damping, registered, previous: Inverses) -> Inverses:
+    """The damped factors' inverses: diagonal factors elementwise, a `LowRankInverse` by
+    `low_rank.factorise`, exact ones no wider than `EIGH_MAX_WIDTH` together by
+    `_eigh_inverses`, wider ones by LU."""
     a_inv, g_inv = [], []
+    small, floors, where = [], [], []  # the batched eigh's inputs and where their results go
     for a, g, used, old in zip(factors.a, factors.g, registered, previous.a, strict=True):
         if not used or a.size == 0:
             # (a rank-k inverse keeps its basis: the next refresh starts from it)
@@ -324,11 +375,21 @@ def _invert(factors: Factors, damping, registered, previous: Inverses) -> Invers
             g_inv.append(jnp.zeros_like(g))
             continue
         da, dg = pi_damping(a, g, damping)
-        if isinstance(old, low_rank.LowRankInverse):
-            a_inv.append(low_rank.factorise(_add_identity(a, da), old))
-        else:
-            a_inv.append(_spd_inverse(_add_identity(a, da)))
-        g_inv.append(_spd_inverse(_add_identity(g, dg)))
+        for m, d, out, low in ((a, da, a_inv, old), (g, dg, g_inv, None)):
+            damped = _add_identity(m, d)
+            if isinstance(low, low_rank.LowRankInverse):
+                out.append(low_rank.factorise(damped, low))
+            elif m.ndim == 1:
+                out.append(1 / damped)
+            elif m.shape[0] > EIGH_MAX_WIDTH:
+                out.append(_lu_inverse(damped))
+            else:
+                small.append(damped)
+                floors.append(d)
+                where.append((out, len(out)))
+                out.append(None)
+    for (out, i), inv in zip(where, _eigh_inverses(small, floors), strict=True):
+        out[i] = inv
     return Inverses(tuple(a_inv), tuple(g_inv))
 
 

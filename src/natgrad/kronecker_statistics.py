@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from natgrad import blocks, ekfac, layers
+from natgrad import _random, blocks, ekfac, layers
 from natgrad.curvature import Curvature, check_batch, resolve
 from natgrad.losses import Loss
 
@@ -111,7 +111,7 @@ def statistics(
     if many:
         # The diagonal block squares the summed cotangent: random signs per column make the
         # cross terms vanish in expectation, so B ḡ² stays unbiased for diag(F).
-        signs = jax.random.rademacher(k_signs, cts.shape[:2], cts.dtype)
+        signs = _random.draw(jax.random.rademacher, k_signs, cts.shape[:2], cts.dtype)
         cts = cts * signs.reshape(*signs.shape, *(1,) * (cts.ndim - 2))
         tag_cts, param_cts = jax.vmap(vjp_fn)(cts)
         # Σ ā āᵀ (and token counts) do not depend on the cotangent; every other sum adds up

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natgrad import _random
+
 __all__ = [
     "Loss",
     "softmax_cross_entropy",
@@ -134,7 +136,7 @@ class _SoftmaxCrossEntropy(Loss):
         return _sum_per_example(jnp.where(valid, logz - picked[..., 0], jnp.nan))
 
     def sample(self, key, outputs):
-        return jax.random.categorical(key, outputs, axis=-1).astype(jnp.int32)
+        return _random.categorical(key, outputs).astype(jnp.int32)
 
     def kl(self, outputs_p, outputs_q):
         # A = logsumexp, ∇A = softmax: Σ_c p_c (log p_c − log q_c) in Bregman form.
@@ -188,7 +190,7 @@ class _SquaredError(Loss):
         return _sum_per_example(0.5 * jnp.square(outputs - targets))
 
     def sample(self, key, outputs):
-        return outputs + jax.random.normal(key, outputs.shape, outputs.dtype)
+        return outputs + _random.draw(jax.random.normal, key, outputs.shape, outputs.dtype)
 
     def kl(self, outputs_p, outputs_q):
         # KL(N(z_p, I) ‖ N(z_q, I)) = ½‖z_q − z_p‖².
@@ -223,7 +225,7 @@ class _SigmoidCrossEntropy(Loss):
         return _sum_per_example(jax.nn.softplus(outputs) - targets * outputs)
 
     def sample(self, key, outputs):
-        return jax.random.bernoulli(key, jax.nn.sigmoid(outputs)).astype(outputs.dtype)
+        return _random.bernoulli(key, jax.nn.sigmoid(outputs)).astype(outputs.dtype)
 
     def kl(self, outputs_p, outputs_q):
         # A = softplus, ∇A = sigmoid, per unit: p log(p/q) + (1 − p) log((1 − p)/(1 − q)).

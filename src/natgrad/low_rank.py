@@ -77,9 +77,8 @@ def init(n: int, k: int, dtype) -> LowRankInverse:
 
 def factorise(m: jax.Array, previous: LowRankInverse, iterations: int = ITERATIONS):
     """The rank-k-plus-identity inverse of the SPD matrix `m`, from `previous`'s basis."""
-    q = previous.q
-    for _ in range(iterations):
-        q, _ = jnp.linalg.qr(m @ q)
+    # A loop, not unrolled: one QR to compile instead of `iterations`.
+    q = jax.lax.fori_loop(0, iterations, lambda _, q: jnp.linalg.qr(m @ q)[0], previous.q)
     mu, u = jnp.linalg.eigh(q.T @ m @ q)
     q = q @ u
     n, k = q.shape

@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from natgrad import _tree, kronecker, operators
+from natgrad import _random, _tree, kronecker, operators
 from natgrad import curvature as curvature_lib
 from natgrad.blocks import sharing
 
@@ -154,7 +154,8 @@ def hutchinson_estimate(op: operators.Operator, key: jax.Array, num_probes: int)
     def probe(k):
         keys = jax.random.split(k, len(leaves))
         signs = [
-            jax.random.rademacher(kk, a.shape, a.dtype) for kk, a in zip(keys, leaves, strict=True)
+            _random.draw(jax.random.rademacher, kk, a.shape, a.dtype)
+            for kk, a in zip(keys, leaves, strict=True)
         ]
         v = jax.tree.unflatten(treedef, signs)
         return jax.tree.map(jnp.multiply, v, op.mv(v))
