@@ -340,3 +340,17 @@ def test_the_state_can_be_donated_to_a_jitted_step(make):
         params, state, value = donated(params, state, jax.random.PRNGKey(i))
         values.append(float(value))
     assert all(np.isfinite(values)) and values[-1] < values[0]
+
+
+def test_the_guards_finiteness_check_sees_every_non_finite_entry():
+    """`_tree.all_finite` (every guard's check) sums a · 0 per leaf: exactly 0, or NaN when any
+    entry is ±inf or NaN; large finite values must not read as overflow."""
+    from natgrad import _tree
+
+    check = jax.jit(_tree.all_finite)
+    ok = {"w": jnp.full((3, 4), 3e38), "n": jnp.arange(3), "b": jnp.array([True])}
+    assert bool(check(ok)) and _tree.all_finite({}) is True
+    for bad in (jnp.inf, -jnp.inf, jnp.nan):
+        tree = dict(ok, w=ok["w"].at[2, 1].set(bad))
+        assert not bool(check(tree)), bad
+    assert not bool(check([jnp.ones(2), jnp.array([jnp.nan], jnp.bfloat16)]))

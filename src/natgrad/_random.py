@@ -5,7 +5,8 @@ numbers the elements of a draw by their flat index, so ``normal(key, (B, C))`` a
 ``normal(key, (B * C,)).reshape(B, C)`` are equal bit for bit. XLA's CPU backend compiles the
 second several times faster: a (128, 10) uniform draw took 1.3 s to compile against 0.3 s flat
 (JAX 0.10.2), and K-FAC's sampled labels were most of its statistics pass's compile time. Every
-natgrad draw on a shape of rank ≥ 2 goes through `draw`.
+draw of the library on a shape of rank ≥ 2 goes through `draw` (the experiments' model
+initialisers, outside any training step, use jax.random directly).
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ __all__ = [
     "fisher",
     "fisher_mc",
     "empirical_fisher",
-    "sampled_scores",
     "hessian",
     "CURVATURES",
     "Curvature",
@@ -186,11 +185,11 @@ def fisher_mc(
     if int(num_samples) < 1:
         raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples}")
     lin, targets = _linearize(apply_fn, loss, params, batch)
-    scores = sampled_scores(loss, lin.outputs, key, int(num_samples))
+    scores = _sampled_scores(loss, lin.outputs, key, int(num_samples))
     return _output_space_operator(lin, loss, params, targets, _outer_mv(scores))
 
 
-def sampled_scores(loss: Loss, outputs, key: jax.Array, num_samples: int) -> jax.Array:
+def _sampled_scores(loss: Loss, outputs, key: jax.Array, num_samples: int) -> jax.Array:
     """Scores s̃_s = ∇_z ℓ(z, ỹ_s) of `num_samples` targets ỹ_s ~ p(·|z), stacked: (S, B, ...).
 
     One sample (the default) is drawn without `jax.vmap`: a vmapped draw compiled to loops
@@ -299,7 +298,7 @@ class Curvature:
         if self.name == "fisher_mc":
             if key is None:
                 raise ValueError("key: curvature 'fisher_mc' samples targets and needs a PRNG key")
-            scores = sampled_scores(loss, outputs, key, self.num_samples)
+            scores = _sampled_scores(loss, outputs, key, self.num_samples)
             return scores / jnp.sqrt(jnp.asarray(self.num_samples, scores.dtype))
         raise ValueError(
             "curvature: 'hessian' is not a Gauss-Newton-type matrix and has no output-space "

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from natgrad import _random
+
 __all__ = [
     "LowRankInverse",
     "init",
@@ -70,7 +72,8 @@ class LowRankInverse(NamedTuple):
 
 def init(n: int, k: int, dtype) -> LowRankInverse:
     """A fixed orthonormal start (from PRNGKey(0): a constant, the same every run) and zeros."""
-    start = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32).astype(dtype)
+    start = _random.draw(jax.random.normal, jax.random.PRNGKey(0), (n, k), jnp.float32)
+    start = start.astype(dtype)
     q, _ = jnp.linalg.qr(start)
     return LowRankInverse(q, jnp.zeros((k,), dtype), jnp.zeros((), dtype))
 
