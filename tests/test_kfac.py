@@ -476,3 +476,28 @@ def test_inverse_of_a_slightly_indefinite_factor_is_positive_definite_and_bounde
     eig = np.linalg.eigvalsh(inv)
     assert bool(state.finite) and np.allclose(inv, inv.T)
     assert eig.min() > 0 and eig.max() <= 1.0001 / float(da)
+
+
+def test_curvature_batch_takes_the_statistics_of_the_first_examples_only():
+    """`curvature_batch=n`: the factors are those of every ⌈B/n⌉-th example (the same state as
+    K-FAC given only them), the step the caller's gradient of the whole batch."""
+    params = mlp_params(jax.random.PRNGKey(0), [3, 4, 2])
+    x = jax.random.normal(jax.random.PRNGKey(1), (12, 3))
+    y = jax.random.randint(jax.random.PRNGKey(2), (12,), 0, 2)
+    loss = losses.softmax_cross_entropy()
+    grads = jax.grad(lambda p: loss.mean(dense_mlp(p, x), y))(params)
+    key = jax.random.PRNGKey(3)
+
+    def update(opt, batch):
+        state = opt.init(params)
+        for _ in range(2):  # the second step uses the first one's factors
+            updates, state = opt.update(grads, state, params, batch=batch, key=key)
+        return updates, state.preconditioner_state
+
+    sub, sub_state = update(natgrad.kfac(dense_mlp, loss, curvature_batch=5), (x, y))
+    ref, ref_state = update(natgrad.kfac(dense_mlp, loss), (x[::3], y[::3]))  # ⌈12/5⌉ = 3
+    whole, whole_state = update(natgrad.kfac(dense_mlp, loss, curvature_batch=None), (x, y))
+    got, expected = jax.tree.leaves((sub, sub_state)), jax.tree.leaves((ref, ref_state))
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(sub_state.factors.a[0], whole_state.factors.a[0])

@@ -8,6 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import natgrad
+import oracles
 from conftest import mlp_apply, mlp_params
 from natgrad import damping as damping_lib
 from natgrad import losses, step_rules
@@ -385,3 +386,76 @@ def test_float32_parameters_stay_float32():
         new, state, values = train(opt, params, (x, y), 3)
         assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(new))
         assert state.damping.dtype == jnp.float32 and np.isfinite(values[-1])
+
+
+@pytest.mark.parametrize(
+    "make, solver",
+    [
+        (natgrad.natural_gradient, "cg"),
+        (natgrad.natural_gradient, "dense"),
+        (natgrad.hessian_free, "dense"),
+    ],
+)
+def test_curvature_batch_solves_with_the_first_examples_curvature_and_the_whole_gradient(
+    make, solver
+):
+    """Martens' curvature mini-batch: d = (C_n + λI)⁻¹ g with C_n the GGN of every ⌈B/n⌉-th
+    example (here every 4th of 16) and g the caller's gradient of the whole batch (dense
+    float64 oracle)."""
+    params, (x, y) = small_mlp_problem(3)
+    batch, n, lam = (x[:16], y[:16]), 5, 0.1
+    flat, unravel = ravel_pytree(params)
+    g = oracles.gradient(mlp_apply, CE, params, batch)
+    kwargs = dict(
+        curvature="ggn",
+        damping=lam,
+        step_rule="fixed",
+        learning_rate=1.0,
+        warm_start=0.0,
+        reject_rises=False,
+        solver=solver,
+    )
+    if solver == "cg":
+        kwargs |= dict(maxiter=200, tol=1e-13)
+    if make is natgrad.hessian_free:
+        kwargs |= dict(preconditioner=None)
+
+    def update(curvature_batch):
+        opt = make(mlp_apply, CE, curvature_batch=curvature_batch, **kwargs)
+        updates, _ = opt.update(unravel(g), opt.init(params), params, batch=batch)
+        return np.asarray(ravel_pytree(updates)[0])
+
+    every_4th = oracles.ggn(mlp_apply, CE, params, (x[:16:4], y[:16:4]))
+    np.testing.assert_allclose(
+        update(n), -oracles.damped_solve(every_4th, g, lam), rtol=1e-7, atol=1e-10
+    )
+    whole = -oracles.damped_solve(oracles.ggn(mlp_apply, CE, params, batch), g, lam)
+    np.testing.assert_allclose(update(None), whole, rtol=1e-7, atol=1e-10)
+    assert np.max(np.abs(update(n) - whole)) > 1e-3 * np.max(np.abs(whole))
+
+
+@pytest.mark.parametrize("make", [natgrad.natural_gradient, natgrad.hessian_free, natgrad.kfac])
+@pytest.mark.parametrize("value", [0, -4, 2.5, "8"])
+def test_bad_curvature_batch_names_itself(make, value):
+    with pytest.raises(ValueError, match="curvature_batch"):
+        make(mlp_apply, CE, curvature_batch=value)
+
+
+def test_curvature_examples_are_strided_and_at_most_n():
+    from natgrad.optimizers._pipeline import curvature_examples
+
+    x, y = jnp.arange(1024.0)[:, None], jnp.arange(1024)
+    for size, n, rows in (
+        (1024, 512, range(0, 1024, 2)),
+        (1000, 512, range(0, 1000, 2)),
+        (1024, 300, range(0, 1024, 4)),
+        (1024, 1, [0]),
+    ):
+        (cx, cy), whole = curvature_examples((x[:size], y[:size]), n)
+        assert not whole and len(cy) <= n
+        np.testing.assert_array_equal(cy, list(rows))
+        np.testing.assert_array_equal(cx[:, 0], cy.astype(cx.dtype))
+    for n in (128, 512, None):
+        batch = (x[:128], y[:128])
+        got, whole = curvature_examples(batch, n)
+        assert whole and got is batch

@@ -76,6 +76,11 @@ class CGResult(NamedTuple):
     saved_steps: jax.Array | None
 
 
+def _phi(x, b, r) -> jax.Array:
+    """φ(x) = ½ xᵀAx − bᵀx = −½ xᵀ(b + r), with r = b − Ax."""
+    return -0.5 * _tree.vdot(x, _tree.add(b, r))
+
+
 def save_schedule(maxiter: int) -> tuple[int, ...]:
     """Iterations ⌈5·1.3ʲ⌉ ≤ maxiter (Martens 2010, §4.6) at which iterates are saved."""
     steps, j = [], 0
@@ -148,7 +153,7 @@ def cg(
     bnorm = _tree.norm(b)
     threshold = jnp.maximum(tol * bnorm, atol)
 
-    phi0 = -0.5 * _tree.vdot(x, _tree.add(b, r))
+    phi0 = _phi(x, b, r)
     phi_hist = jnp.zeros(maxiter + 1, dtype).at[0].set(phi0)
 
     schedule = save_schedule(maxiter) if save_iterates else ()
@@ -193,12 +198,18 @@ def cg(
         ry_new = _tree.vdot(r_new, y_new)
         p_new = _tree.axpy(ry_new / s.ry, s.p, y_new)
         i = s.i + 1
-        phi = -0.5 * _tree.vdot(x_new, _tree.add(b, r_new))
-        phi_hist = s.phi_hist.at[i].set(phi)
+        # Two passes over the vectors only when something reads them: φ for Martens' rule (else
+        # it is computed once, after the loop), ‖r‖ apart from rᵀM⁻¹r when M ≠ I.
+        if martens_stop:
+            phi = _phi(x_new, b, r_new)
+            phi_hist = s.phi_hist.at[i].set(phi)
+        else:
+            phi, phi_hist = ry_new, s.phi_hist
+        r_norm = jnp.sqrt(ry_new) if preconditioner is None else _tree.norm(r_new)
 
         nonfinite = jnp.logical_not(jnp.isfinite(pap) & jnp.isfinite(phi) & jnp.isfinite(ry_new))
         bad = negative | nonfinite
-        converged = _tree.norm(r_new) <= threshold
+        converged = r_norm <= threshold
         if martens_stop:
             k = jnp.maximum(MARTENS_MIN_K, jnp.ceil(0.1 * i).astype(jnp.int32))
             phi_k = phi_hist[jnp.maximum(i - k, 0)]
@@ -250,7 +261,7 @@ def cg(
         status=final.status,
         residual=final.r,
         residual_norm=_tree.norm(final.r),
-        phi=final.phi_hist[final.i],
+        phi=final.phi_hist[final.i] if martens_stop else _phi(final.x, b, final.r),
         saved=saved,
         saved_steps=saved_steps,
     )

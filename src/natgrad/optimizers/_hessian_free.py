@@ -76,8 +76,10 @@ def hessian_free(
       reject_rises: compute the loss after the step, f(θ + p), on every step and reject the
         step if it rose (one forward pass; with False it is computed only when the damping rule
         needs ρ).
-      curvature_batch: curvature products (CG's) on the first this many examples of the batch,
-        the gradient and trial losses on all of it (None: the whole batch).
+      curvature_batch: curvature products (CG's) on at most this many examples, every
+        ⌈B/n⌉-th of the batch's B; the gradient and trial losses on all of it (None: the whole
+        batch). Measured (784-128-10, batch 128): 32 examples cost natural gradient 12× the
+        steps to 84 % test accuracy, so the default is None.
 
     The update needs ``batch=(inputs, targets)`` and accepts ``eval_batch=`` for trial losses.
     """

@@ -5,8 +5,9 @@ clipping), one step is
 
 1. curvature   C on the batch, a matrix-free operator built from one linearization
                (`natgrad.curvature.Curvature.operator`; skipped when the direction needs none),
-               optionally on the first `curvature_batch` examples only (Martens' curvature
-               mini-batches: C is a mean over examples, so λ and δ mean the same on fewer);
+               optionally on at most `curvature_batch` examples, every ⌈B/n⌉-th (Martens'
+               curvature mini-batches: C is a mean over examples, so λ and δ mean the same
+               on fewer; `curvature_examples`);
    preconditioner  M ≈ C + λI from its own statistics (`natgrad.preconditioners`), if any;
 2. direction   d ≈ (C + λI)⁻¹ g (`_directions`: CG, CG with backtracking, or M⁻¹ g), with the
                curvature Q of its quadratic model q(p) = gᵀp + ½ pᵀQp;
@@ -61,7 +62,7 @@ def transform(
         check_call(parts.name, params, batch, key, needs_key)
         lam = state.damping
         dtype = lam.dtype
-        cbatch, op, k_curv, k_pre = _curvature(apply_fn, loss, parts, params, batch, key)
+        cbatch, whole, op, k_curv, k_pre = _curvature(apply_fn, loss, parts, params, batch, key)
         pkw = {"apply_fn": apply_fn, "loss": loss, "damping": lam, "key": k_pre}
         approx, pstate = _preconditioning.before(pre, state, params, cbatch, **pkw)
         trial_inputs, trial_targets = batch if eval_batch is None else eval_batch
@@ -72,7 +73,7 @@ def transform(
 
         # f(θ): the caller's value_and_grad computed it, or the curvature operator's
         # linearization did — when it saw the whole batch.
-        known = op if parts.curvature_batch is None else None
+        known = op if whole else None
         if eval_batch is None and value is not None:
             f0 = jnp.asarray(value, dtype)
         elif eval_batch is None and getattr(known, "loss_value", None) is not None:
@@ -128,6 +129,7 @@ def transform(
             state,
             accepted,
             params,
+            parts=parts,
             damping=new_lam,
             alpha=alpha,
             rho=rho,
@@ -145,11 +147,25 @@ def transform(
     return optax.GradientTransformationExtraArgs(functools.partial(initial, parts), update_fn)
 
 
+def curvature_examples(batch, n: int | None) -> tuple:
+    """(the examples the curvature sees, whether they are the whole batch): every s-th example,
+    s = ⌈B / n⌉, so at most n, spread over the batch (n None: all of it).
+
+    Strided rather than the first n: with the batch sharded over devices, every device keeps
+    its share (the first n would sit on a few devices, and XLA moves them); the batch is
+    shuffled, so any s-th example is as good as any other."""
+    size = jax.tree.leaves(batch)[0].shape[0]
+    stride = 1 if n is None else -(-size // n)
+    if stride == 1:
+        return batch, True
+    return jax.tree.map(lambda a: a[::stride], tuple(batch)), False
+
+
 def _curvature(apply_fn, loss, parts: Parts, params, batch, key) -> tuple:
-    """Step 1 on the curvature batch: (batch, C or None, C's key, the preconditioner's key)."""
+    """Step 1 on the curvature examples: (them, whether they are the whole batch, C or None,
+    C's key, the preconditioner's key)."""
     uses_op = parts.direction.uses_operator
     k_curv, k_pre = jax.random.split(key) if uses_op and key is not None else (None, key)
-    sub = parts.curvature_batch
-    cbatch = batch if sub is None else jax.tree.map(lambda a: a[:sub], tuple(batch))
+    cbatch, whole = curvature_examples(batch, parts.curvature_batch)
     op = parts.curvature.operator(apply_fn, loss, params, cbatch, key=k_curv) if uses_op else None
-    return cbatch, op, k_curv, k_pre
+    return cbatch, whole, op, k_curv, k_pre

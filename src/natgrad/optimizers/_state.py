@@ -31,8 +31,8 @@ class State(NamedTuple):
     cg_iterations: jax.Array  # CG iterations of the last step (0 without CG)
     cg_status: jax.Array  # natgrad.solvers.STATUS_NAMES[cg_status]
     backtrack_iteration: jax.Array  # the CG iteration whose iterate was taken
-    direction: PyTree  # the last direction, for the warm start
-    momentum: PyTree  # the last search direction s
+    direction: PyTree  # the last direction, for the warm start (zeros when warm_start = 0)
+    momentum: PyTree  # the last search direction s, for momentum (zeros when momentum = 0)
     preconditioner_state: Any  # e.g. K-FAC's `natgrad.kronecker.KroneckerState`
 
 
@@ -49,7 +49,7 @@ class Parts(NamedTuple):
     warm_start: float
     preconditioner: Preconditioner | None
     reject_rises: bool = True  # compute f(θ + p) every step and reject a rise
-    curvature_batch: int | None = None  # curvature products on the first n examples only
+    curvature_batch: int | None = None  # curvature on at most n examples (every ⌈B/n⌉-th)
 
 
 def initial(parts: Parts, params: PyTree) -> State:
@@ -77,11 +77,28 @@ def initial(parts: Parts, params: PyTree) -> State:
 
 
 def advance(
-    state: State, accepted, params, *, damping, alpha, rho, sfs, result, s, preconditioner_state
+    state: State,
+    accepted,
+    params,
+    *,
+    parts: Parts,
+    damping,
+    alpha,
+    rho,
+    sfs,
+    result,
+    s,
+    preconditioner_state,
 ) -> State:
-    """The state after a step: what a rejected step would change is kept as it was."""
+    """The state after a step: what a rejected step would change is kept as it was. The last
+    direction and search direction are kept only where a later step reads them (a warm start,
+    momentum): otherwise each would cost a select and a write of the parameters' size every
+    step (K-FAC has neither)."""
     dtype = state.damping.dtype
-    keep = lambda new, old: _tree.where(accepted, new, old)  # noqa: E731
+
+    def keep(new, old, read: bool):
+        return _tree.where(accepted, _tree.cast_like(new, params), old) if read else old
+
     warm = result.d if result.keep is None else result.keep
     kept = result.iterations if result.kept_iteration is None else result.kept_iteration
     return State(
@@ -94,8 +111,8 @@ def advance(
         cg_iterations=jnp.asarray(result.iterations, jnp.int32),
         cg_status=jnp.asarray(result.status, jnp.int32),
         backtrack_iteration=jnp.asarray(kept, jnp.int32),
-        direction=keep(_tree.cast_like(warm, params), state.direction),
-        momentum=keep(_tree.cast_like(s, params), state.momentum),
+        direction=keep(warm, state.direction, parts.warm_start != 0),
+        momentum=keep(s, state.momentum, parts.momentum != 0),
         preconditioner_state=preconditioner_state,  # the pipeline kept or updated it
     )
 

@@ -18,6 +18,7 @@ solver / direction CG, 10 its, warm 0.95   CG, 50 its, Martens     M⁻¹ g (fac
                                                                    steps, inverses every 50;
                                                                    input factors wider than
                                                                    512: rank 32 + identity
+curvature_batch    None (whole batch)      None (whole batch)      512 (statistics pass)
 =================  ======================  ======================  ======================
 """
 
@@ -35,6 +36,7 @@ __all__ = [
     "KFAC_INVERSE_EVERY",
     "KFAC_INPUT_FACTOR_RANK",
     "KFAC_REJECT_RISES",
+    "KFAC_CURVATURE_BATCH",
     "KL_RADIUS",
     "WARM_START",
 ]
@@ -93,6 +95,17 @@ KFAC_INPUT_FACTOR_RANK = "auto"
 # anyway (ρ, line search), K-FAC would pay a forward pass for it — measured 2 % of its step on
 # 784-128-10 / batch 128 and 15 % on 784-512-512-10 / batch 1024 — so K-FAC's is off by default.
 KFAC_REJECT_RISES = False
+
+# K-FAC's statistics pass sees at most 512 examples of a batch (every ⌈B/512⌉-th; smaller
+# batches whole). Its factors are moving averages over ~20 passes (β = 0.95), so a pass of 512
+# examples estimates them as well as one of 1024 at half the cost. Measured on Fashion-MNIST
+# (60k), 784-512-512-10, batch 1024, 5 data orders, statistics on all 1024 / on 512: median steps
+# to 85 / 87 / 88 % test accuracy 40 / 60 / 85 both; seconds 2.35 / 3.77 / 4.99 → 2.20 / 3.11 /
+# 4.42; on 784-128-10 at batch 128, 32 or 64 examples took 13-23 % more steps to 87 %, which is
+# why the floor is not lower. Natural gradient and Hessian-free keep the whole batch: their
+# curvature is this batch's alone (no average), and 32 of 128 examples cost natural gradient
+# 12× the steps.
+KFAC_CURVATURE_BATCH = 512
 
 KL_RADIUS = 1e-3  # δ of the KL trust region (natural_gradient, kfac)
 WARM_START = 0.95  # ζ, CG warm-start decay (Martens 2010, §4.5)
