@@ -123,7 +123,10 @@ def bench_phases(sizes, batch_size, repeats: int) -> dict:
         state = pre.init(params)
 
         def statistics_pass(state, params, data, key):
-            stats, registered, _ = kronecker.statistics(apply_fn, loss, params, data, key=key)
+            sketches = kronecker.sketches(state)
+            stats, registered, _ = kronecker.statistics(
+                apply_fn, loss, params, data, key=key, sketches=sketches
+            )
             return kronecker.update(state, stats, 1e-3, registered, ema_decay=0.95, refresh=False)
 
         stats_fn = jax.jit(statistics_pass)
@@ -132,8 +135,7 @@ def bench_phases(sizes, batch_size, repeats: int) -> dict:
         inverse_fn = jax.jit(lambda st, r=registered: kronecker.refresh_inverses(st, 1e-3, r, True))
         state = inverse_fn(state)
         apply_inv = jax.jit(lambda st, g, r=registered: kronecker.apply_inverse(st, 1e-3, r, g))
-        if name == "default":
-            phases["statistics"] = partial(stats_fn, state, params, data, key)
+        phases[f"statistics_{name}"] = partial(stats_fn, state, params, data, key)
         phases[f"inverses_{name}"] = partial(inverse_fn, state)
         phases[f"application_{name}"] = partial(apply_inv, state, grads)
     seconds = {name: median_seconds(fn, repeats=repeats) for name, fn in phases.items()}
@@ -142,7 +144,7 @@ def bench_phases(sizes, batch_size, repeats: int) -> dict:
     amortised = {
         name: ratio["gradient"]
         + ratio[f"application_{name}"]
-        + ratio["statistics"] / every_s
+        + ratio[f"statistics_{name}"] / every_s
         + ratio[f"inverses_{name}"] / every_i
         for name in variants
     }

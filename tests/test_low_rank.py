@@ -27,38 +27,67 @@ def _oracle(m, k):
     return (qk / mu[:k]) @ qk.T + (jnp.eye(m.shape[0]) - qk @ qk.T) / tail
 
 
-def test_application_matches_the_dense_truncated_inverse():
-    m = _spd(60, 6, 10.0, jax.random.PRNGKey(0))
-    inv = low_rank.factorise(m, low_rank.init(60, 6, jnp.float64))
-    v = jax.random.normal(jax.random.PRNGKey(1), (60, 7), jnp.float64)
-    want = _oracle(m, 6) @ v
-    # 4 subspace iterations with μ₇/μ₆ ≈ 0.06/10: converged far below this tolerance's 1e-6.
-    np.testing.assert_allclose(low_rank.apply(inv, v), want, rtol=1e-6, atol=1e-8)
+def _sketch(a, k):
+    """[A Ω | diag A] as K-FAC keeps a wide input factor."""
+    omega = low_rank.sketch_matrix(a.shape[0], low_rank.width(k, a.shape[0]))
+    return jnp.concatenate([a @ omega, jnp.diag(a)[:, None]], axis=1)
 
 
-def test_exact_when_the_tail_is_flat():
-    """M = low rank + d·I: the n − k smallest eigenvalues are all d, so the inverse is exact."""
-    n, k = 40, 5
-    u, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(2), (n, k), jnp.float64))
-    m = u @ jnp.diag(jnp.arange(1.0, k + 1) * 4) @ u.T + 0.1 * jnp.eye(n)
-    # (μ₆/μ₅ = 0.1/20.1 per iteration: 12 iterations converge to rounding)
-    inv = low_rank.factorise(m, low_rank.init(n, k, jnp.float64), iterations=12)
+def _nystrom_oracle(a, k, d):
+    """The rank-k-plus-identity inverse of A + dI from the dense Nyström approximation
+    Â = Y (ΩᵀY)⁺ Yᵀ, Y = A Ω (numpy pseudo-inverse and eigendecomposition)."""
+    a = np.asarray(a)
+    omega = low_rank.sketch_matrix(a.shape[0], low_rank.width(k, a.shape[0]))
+    y = a @ omega
+    approx = y @ np.linalg.pinv(omega.T @ y, rcond=1e-12, hermitian=True) @ y.T
+    lam, q = np.linalg.eigh(approx)
+    lam, q = lam[::-1][:k], q[:, ::-1][:, :k]
+    tail = (np.trace(a) - lam.sum()) / (a.shape[0] - k) + d
+    return (q / (lam + d)) @ q.T + (np.eye(a.shape[0]) - q @ q.T) / tail
+
+
+def test_exact_when_the_factor_has_rank_at_most_k():
+    """A of rank r ≤ k: the top k eigenpairs are all of A (the others are 0), so
+    (A + dI)⁻¹ comes out exactly, whatever the sketch."""
+    n, k, d = 40, 6, 0.1
+    u, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(2), (n, 5), jnp.float64))
+    a = u @ jnp.diag(jnp.arange(1.0, 6.0) * 4) @ u.T
+    inv = low_rank.from_sketch(_sketch(a, k), d, k)
     v = jax.random.normal(jax.random.PRNGKey(3), (n, 3), jnp.float64)
-    np.testing.assert_allclose(low_rank.apply(inv, v), jnp.linalg.solve(m, v), rtol=1e-9)
+    np.testing.assert_allclose(
+        low_rank.apply(inv, v), jnp.linalg.solve(a + d * jnp.eye(n), v), rtol=1e-9, atol=1e-12
+    )
+    # and `forward` is the damped factor itself
+    np.testing.assert_allclose(low_rank.forward(inv, v), (a + d * jnp.eye(n)) @ v, rtol=1e-9)
 
 
-def test_warm_start_converges_where_one_cold_round_does_not():
-    """One subspace iteration from a random start is not enough for a small gap; refreshes
-    warm-started from the previous basis converge to the oracle."""
-    m = _spd(80, 8, 0.3, jax.random.PRNGKey(4))
-    want = _oracle(m, 8)
-    inv = low_rank.init(80, 8, jnp.float64)
-    errors = []
-    for _ in range(8):
-        inv = low_rank.factorise(m, inv, iterations=1)
-        dense = low_rank.apply(inv, jnp.eye(80))
-        errors.append(float(jnp.linalg.norm(dense - want) / jnp.linalg.norm(want)))
-    assert errors[0] > 1e-3 and errors[-1] < 1e-6 and errors[-1] < errors[0] * 1e-3
+def test_rank_between_k_and_the_sketch_width_gives_the_truncated_inverse():
+    """k < rank A ≤ ℓ = 2k: Nyström recovers A exactly, so the inverse is the dense truncated
+    one: the top k eigenpairs, the other eigenvalues replaced by their mean."""
+    n, k, d = 50, 4, 0.05
+    u, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(7), (n, 7), jnp.float64))
+    a = u @ jnp.diag(jnp.asarray([30.0, 20, 12, 8, 3, 2, 1])) @ u.T
+    want = _oracle(a + d * jnp.eye(n), k)
+    got = low_rank.apply(low_rank.from_sketch(_sketch(a, k), d, k), jnp.eye(n))
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_full_rank_factor_matches_the_nystrom_oracle_and_finds_the_top_subspace():
+    """A full-rank factor with a gap after k: `from_sketch` is the dense Nyström oracle; its
+    basis spans the top-k eigenvectors of A up to a small angle, and its eigenvalues are
+    underestimates (Nyström's Â ⪯ A), within 15 % here (ℓ = 12 columns against a tail of 54
+    eigenvalues of ~0.05 beside a top of 10-20)."""
+    k, d = 6, 0.01
+    a = _spd(60, k, 10.0, jax.random.PRNGKey(0))
+    inv = low_rank.from_sketch(_sketch(a, k), d, k)
+    got = low_rank.apply(inv, jnp.eye(60))
+    np.testing.assert_allclose(got, _nystrom_oracle(a, k, d), rtol=1e-7, atol=1e-9)
+    mu, q = np.linalg.eigh(np.asarray(a))
+    mu, q = mu[::-1][:k], q[:, ::-1][:, :k]
+    basis = np.asarray(inv.q)
+    assert np.linalg.norm(q - basis @ (basis.T @ q)) < 0.05
+    lam = 1 / np.asarray(inv.inverse) - d
+    assert np.all(lam <= mu * (1 + 1e-9)) and np.all(lam >= 0.85 * mu)
 
 
 def _mlp(params, x):
@@ -81,31 +110,45 @@ def _problem():
     return params, x, y, losses.softmax_cross_entropy()
 
 
-def test_kfac_direction_is_the_blockwise_product_with_the_low_rank_input_inverse():
-    """K-FAC's preconditioner with input_factor_rank=4: the 21-wide input factor of layer 0 gets
-    a rank-4 inverse (layer 1's 7-wide one stays exact), and (F̂ + λ)⁻¹ g is, per layer,
-    A⁻¹ [dW; db] G⁻¹ with that A⁻¹ = the dense oracle of the damped factor."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_kfac_keeps_the_sketch_of_the_exact_factor_and_inverts_it_blockwise(bias):
+    """K-FAC's preconditioner with input_factor_rank=4: the 21-wide input factor of layer 0 is
+    kept as its sketch [A Ω | diag A] (ℓ = 8), equal to that of the exact factor an exact run
+    averages from the same statistics; layer 1's 7-wide one stays exact; and (F̂ + λ)⁻¹ g is,
+    per layer, A⁻¹ [dW; db] G⁻¹ with A⁻¹ the dense Nyström oracle of the exact A."""
     params, x, y, loss = _problem()
-    pre = natgrad.preconditioners.kfac(statistics_every=1, inverse_every=1, input_factor_rank=4)
-    state = pre.init(params)
+    if not bias:
+        params = [{"w": params[0]["w"]}, params[1]]
+    make = natgrad.preconditioners.kfac
+    pre = make(statistics_every=1, inverse_every=1, input_factor_rank=4)
+    exact = make(statistics_every=1, inverse_every=1, input_factor_rank=None)
+    state, exact_state = pre.init(params), exact.init(params)
+    rows = 20 + bias
+    assert state.factors.a[0].shape == (rows, 9) and state.factors.a[1].shape == (7, 7)
     assert isinstance(state.inverses.a[0], low_rank.LowRankInverse)
     assert not isinstance(state.inverses.a[1], low_rank.LowRankInverse)
     lam = 1e-2
-    key = jax.random.PRNGKey(6)
-    for _ in range(12):  # refreshes warm-start the basis: it converges
-        m, state = pre.update(state, params, (x, y), apply_fn=_mlp, loss=loss, damping=lam, key=key)
+    kw = dict(apply_fn=_mlp, loss=loss, damping=lam)
+    for i in range(3):
+        key = jax.random.PRNGKey(6 + i)
+        m, state = pre.update(state, params, (x, y), key=key, **kw)
+        _, exact_state = exact.update(exact_state, params, (x, y), key=key, **kw)
+    a_exact = exact_state.factors.a[0]
+    np.testing.assert_allclose(state.factors.a[0], _sketch(a_exact, 4), rtol=1e-10, atol=1e-12)
     g = jax.grad(lambda p: loss.mean(_mlp(p, x), y))(params)
     got = m.inverse().mv(g)
     for i, layer in enumerate(g):
-        a, gf = state.factors.a[i], state.factors.g[i]
+        a, gf = exact_state.factors.a[i], state.factors.g[i]
         da, dg = kronecker.pi_damping(a, gf, lam)
         a_damped = a + da * jnp.eye(a.shape[0])
-        a_inv = _oracle(a_damped, 4) if i == 0 else jnp.linalg.inv(a_damped)
+        a_inv = _nystrom_oracle(a, 4, da) if i == 0 else jnp.linalg.inv(a_damped)
         g_inv = jnp.linalg.inv(gf + dg * jnp.eye(gf.shape[0]))
-        v = jnp.concatenate([layer["w"], layer["b"][None]], 0)
+        has_b = "b" in layer
+        v = jnp.concatenate([layer["w"], layer["b"][None]], 0) if has_b else layer["w"]
         want = a_inv @ v @ g_inv
-        np.testing.assert_allclose(got[i]["w"], want[:-1], rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(got[i]["b"], want[-1], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(got[i]["w"], want[: layer["w"].shape[0]], rtol=1e-6, atol=1e-9)
+        if has_b:
+            np.testing.assert_allclose(got[i]["b"], want[-1], rtol=1e-6, atol=1e-9)
 
 
 def test_kfac_with_a_low_rank_input_factor_trains():
@@ -166,6 +209,7 @@ def test_kfac_default_inverts_input_factors_wider_than_512_as_rank_32():
     kinds, state = inverses()
     assert defaults.KFAC_INPUT_FACTOR_RANK == "auto" and kinds == [True, False]
     assert state.inverses.a[0].q.shape == (514, 32)
+    assert state.factors.a[0].shape == (514, 65) and state.factors.a[1].shape == (512, 512)
     assert inverses(input_factor_rank=8)[0] == [True, True]
     assert inverses(input_factor_rank=None)[0] == [False, False]
     assert inverses(eigenvalue_correction=True)[0] == [False, False]

@@ -68,6 +68,7 @@ __all__ = [
     "update",
     "refresh_inverses",
     "stale",
+    "sketches",
     "pi_damping",
     "apply_inverse",
     "damped_product",
@@ -117,6 +118,11 @@ def check_options(
     return float(ema_decay), inverse_every, statistics_every
 
 
+def sketches(state: KroneckerState) -> tuple[int, ...]:
+    """Per layer, the columns ℓ of its input factor's sketch, or 0 where A is kept whole."""
+    return tuple(a.shape[1] - 1 if low_rank.is_sketch(a) else 0 for a in state.factors.a)
+
+
 def _factor_shapes(slot) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """A's and G's shapes: (m[+1])² and n², A a vector if diagonal, both empty for diagonal
     kinds."""
@@ -147,10 +153,12 @@ def init(
     for s in slots:
         dtype = node_dtype(nodes[s.position])
         shape_a, shape_g = _factor_shapes(s)
-        a.append(jnp.zeros(shape_a, dtype))
-        g.append(jnp.zeros(shape_g, dtype))
         rule = low_rank.resolve(input_factor_rank)
         wide = rule is not None and len(shape_a) == 2 and shape_a[0] > rule[1]
+        if wide:  # A kept as its sketch [A Ω | diag A] (`natgrad.low_rank`)
+            shape_a = (shape_a[0], low_rank.width(rule[0], shape_a[0]) + 1)
+        a.append(jnp.zeros(shape_a, dtype))
+        g.append(jnp.zeros(shape_g, dtype))
         a_inv.append(low_rank.init(shape_a[0], rule[0], dtype) if wide else jnp.zeros_like(a[-1]))
     basis, scalings = None, ()
     if eigenvalue_correction:
@@ -286,7 +294,10 @@ def pi_damping(a: jax.Array, g: jax.Array, damping) -> tuple[jax.Array, jax.Arra
 
 
 def _mean_eigenvalue(a: jax.Array) -> jax.Array:
-    """tr A / dim A, A given by its diagonal when it is a vector."""
+    """tr A / dim A, A given by its diagonal when it is a vector, or by its sketch
+    [A Ω | diag A]."""
+    if low_rank.is_sketch(a):
+        return jnp.mean(a[:, -1])
     return jnp.mean(a) if a.ndim == 1 else jnp.trace(a) / a.shape[0]
 
 
@@ -363,8 +374,8 @@ def _pad_identity(m: jax.Array, n: int) -> jax.Array:
 
 
 def _invert(factors: Factors, damping, registered, previous: Inverses) -> Inverses:
-    """The damped factors' inverses: diagonal factors elementwise, a `LowRankInverse` by
-    `low_rank.factorise`, exact ones no wider than `EIGH_MAX_WIDTH` together by
+    """The damped factors' inverses: diagonal factors elementwise, a `LowRankInverse` from the
+    factor's sketch by `low_rank.from_sketch`, exact ones no wider than `EIGH_MAX_WIDTH` together by
     `_eigh_inverses`, wider ones by LU."""
     a_inv, g_inv = [], []
     small, floors, where = [], [], []  # the batched eigh's inputs and where their results go
@@ -376,10 +387,11 @@ def _invert(factors: Factors, damping, registered, previous: Inverses) -> Invers
             continue
         da, dg = pi_damping(a, g, damping)
         for m, d, out, low in ((a, da, a_inv, old), (g, dg, g_inv, None)):
-            damped = _add_identity(m, d)
             if isinstance(low, low_rank.LowRankInverse):
-                out.append(low_rank.factorise(damped, low))
-            elif m.ndim == 1:
+                out.append(low_rank.from_sketch(m, d, low.q.shape[1]))
+                continue
+            damped = _add_identity(m, d)
+            if m.ndim == 1:
                 out.append(1 / damped)
             elif m.shape[0] > EIGH_MAX_WIDTH:
                 out.append(_lu_inverse(damped))
@@ -444,7 +456,8 @@ def apply_inverse(state: KroneckerState, damping, registered, vec: PyTree) -> Py
 
 def damped_product(state: KroneckerState, damping, registered, vec: PyTree) -> PyTree:
     """(K-FAC + damping) vec: (A + π√λ I) V (G + √λ/π I) per registered layer, (d + λ) r
-    elsewhere; the current averages, not the (possibly older) inverses."""
+    elsewhere; the current averages, not the (possibly older) inverses — except for an input
+    factor kept as a sketch, whose damped low-rank form is the last refresh's."""
     f, basis = state.factors, state.eigenbasis
 
     def kron(slot, v):
@@ -453,7 +466,10 @@ def damped_product(state: KroneckerState, damping, registered, vec: PyTree) -> P
         a, g = f.a[slot], f.g[slot]
         da, dg = pi_damping(a, g, damping)
         v = v.astype(a.dtype)
-        av = _left(a, v) + da * v
+        if low_rank.is_sketch(a):  # the damped low-rank A of the last refresh
+            av = low_rank.forward(state.inverses.a[slot], v)
+        else:
+            av = _left(a, v) + da * v
         return av @ g + dg * av
 
     return _blockwise(vec, f.diag, damping, registered, kron, lambda r, d: r * d.astype(r.dtype))

@@ -14,11 +14,12 @@ EKFAC eigenbasis the per-example scalings Σ_b (Q_Aᵀ ∇W̄_b Q_G)²), token c
 * ``"empirical_fisher"``: the true targets (the empirical Fisher; cheap, biased).
 
 Normalised, they are the `Factors`: A = Σ ā āᵀ / rows (its homogeneous corner Σ 1·1, or the
-token count), G = Σ g gᵀ / B, s = Σ / B. Parameters outside registered layers get a diagonal
-block from the same VJP: with ḡ the batch-mean gradient of the sampled loss, B ḡ² is unbiased
-for diag(F), the sampled scores of different examples being independent with mean zero. (With
-K columns they carry random signs for the same reason; with the empirical Fisher it is only a
-rough scale.)
+token count) — or, for a wide input factor inverted at low rank, its sketch [A Ω | diag A]
+(`natgrad.low_rank`) — G = Σ g gᵀ / B, s = Σ / B. Parameters outside registered layers get a
+diagonal block from the same VJP: with ḡ the batch-mean gradient of the sampled loss, B ḡ² is
+unbiased for diag(F), the sampled scores of different examples being independent with mean
+zero. (With K columns they carry random signs for the same reason; with the empirical Fisher
+it is only a rough scale.)
 """
 
 from __future__ import annotations
@@ -74,13 +75,15 @@ def statistics(
     curvature: str | Curvature = "fisher_mc",
     weight_sharing: str = "expand",
     eigenbasis: ekfac.Eigenbasis | None = None,
+    sketches: tuple[int, ...] = (),
 ) -> tuple[Factors, tuple[bool, ...], jax.Array]:
     """This batch's factors, which layer-looking dicts the model registered, and its outputs.
 
     `registered` is static (known at trace time): slot l is True when the model passed that
     dict to its `natgrad.layers` function. `weight_sharing` is "expand" or "reduce"
     (`natgrad.blocks.sharing`). With an `eigenbasis` (EKFAC) the factors also carry this
-    batch's scalings s = (1/B) Σ_b (Q_Aᵀ ∇W̄_b Q_G)² in it.
+    batch's scalings s = (1/B) Σ_b (Q_Aᵀ ∇W̄_b Q_G)² in it. `sketches` (per layer, 0 or ℓ): the
+    layers whose A is kept as its sketch [A Ω | diag A] with ℓ columns (`natgrad.low_rank`).
     """
     curvature = resolve(curvature)
     if key is None and curvature.name != "empirical_fisher":
@@ -91,8 +94,9 @@ def statistics(
     bases = None
     if eigenbasis is not None:
         bases = [(qa, qg) if qa.size else () for qa, qg in zip(*eigenbasis[:2], strict=True)]
+    sketches = tuple(sketches) or (0,) * len(slots)
     tags = tuple(
-        _tags(s, nodes[s.position], bases is not None and bool(bases[i]))
+        _tags(s, nodes[s.position], bases is not None and bool(bases[i]), sketches[i])
         for i, s in enumerate(slots)
     )
     record = layers.Record()
@@ -166,14 +170,16 @@ def statistics(
     return Factors(tuple(a), tuple(g), diag, tuple(scalings)), registered, outputs
 
 
-def _tags(slot, node, scalings: bool) -> tuple[jax.Array, ...]:
-    """Zero tags of one layer: its kind's own (`tag_shapes`), or A's (m+1)² and G's n², plus
-    EKFAC's scalings tag (Q_A's size, n) when `scalings`."""
+def _tags(slot, node, scalings: bool, sketch: int = 0) -> tuple[jax.Array, ...]:
+    """Zero tags of one layer: its kind's own (`tag_shapes`), or A's (m+1)² (with a sketch of
+    ℓ columns, (m+1) × (ℓ+1)) and G's n², plus EKFAC's scalings tag (Q_A's size, n) when
+    `scalings`."""
     dtype = node_dtype(node)
     kind = blocks.module(slot.kind)
     if hasattr(kind, "tag_shapes"):
         return tuple(jnp.zeros(shape, dtype) for shape in kind.tag_shapes(node))
-    tags = (jnp.zeros((slot.m + 1, slot.m + 1), dtype), jnp.zeros((slot.n, slot.n), dtype))
+    a_cols = sketch + 1 if sketch else slot.m + 1
+    tags = (jnp.zeros((slot.m + 1, a_cols), dtype), jnp.zeros((slot.n, slot.n), dtype))
     return (*tags, jnp.zeros((slot.m + slot.has_bias, slot.n), dtype)) if scalings else tags
 
 
@@ -182,5 +188,8 @@ def _input_factor(slot, a_sum: jax.Array) -> jax.Array:
     token count of a diagonal A), without the bias row and column when there is no bias."""
     if a_sum.ndim == 1:
         return a_sum / jnp.maximum(jnp.sum(a_sum), 1)
-    a = a_sum if slot.has_bias else a_sum[: slot.m, : slot.m]
+    if a_sum.shape[0] != a_sum.shape[1]:  # a sketch [Σ ā āᵀΩ | Σ ā²]: its last entry is Σ 1·1
+        a = a_sum if slot.has_bias else a_sum[: slot.m]
+    else:
+        a = a_sum if slot.has_bias else a_sum[: slot.m, : slot.m]
     return a / jnp.maximum(a_sum[-1, -1], 1)

@@ -322,9 +322,12 @@ def kfac(
     the identity as eigenbasis already) and scale-and-shift layers their exact diagonal.
 
     ``input_factor_rank=k`` inverts every input factor A wider than 2k as rank k plus a scaled
-    identity (`natgrad.low_rank`: its top k eigenpairs by warm-started subspace iteration, the
-    rest replaced by their mean), so applying it costs ~2k/n of the exact inverse's n² per
-    column: for a 785-pixel input and k = 32, 12× less. Not with `eigenvalue_correction`.
+    identity (`natgrad.low_rank`: its top k eigenpairs, the rest replaced by their mean), so
+    applying it costs ~2k/n of the exact inverse's n² per column: for a 785-pixel input and
+    k = 32, 12× less. Such a factor is never formed: the state keeps its sketch [A Ω | diag A]
+    (Ω a fixed n × 2k Gaussian matrix), whose statistics cost 2·2k/n of Σ ā āᵀ's, and a
+    refresh takes the eigenpairs from it by the Nyström approximation. Not with
+    `eigenvalue_correction`.
     ``input_factor_rank="auto"`` (`natgrad.kfac`'s default) is rank 32 for input factors wider
     than 512 only (`natgrad.low_rank.resolve`), and exact with `eigenvalue_correction`.
     """
@@ -355,6 +358,7 @@ def kfac(
             curvature=kind,
             weight_sharing=weight_sharing,
             eigenbasis=state.eigenbasis,
+            sketches=kronecker.sketches(state),
         )
 
     def operator(state, params, batch, *, apply_fn, loss, damping, key=None):

@@ -47,12 +47,17 @@ def check(weight_sharing) -> str:
     return weight_sharing
 
 
-def factor_sums(a: jax.Array, g: jax.Array, weight_sharing: str, dtype) -> tuple:
-    """(Σ ā āᵀ, Σ g gᵀ) of positions a (B, S, m) and g (B, S, n), as in the module docstring."""
+def factor_sums(a: jax.Array, g: jax.Array, weight_sharing: str, dtype, omega=None) -> tuple:
+    """(Σ ā āᵀ, Σ g gᵀ) of positions a (B, S, m) and g (B, S, n), as in the module docstring;
+    with a test matrix `omega` ((m+1) × ℓ) A's sum as its sketch instead: [Σ ā (āᵀΩ) | Σ ā²],
+    (m+1) × (ℓ+1), 2(m+1)ℓ flops a row where Σ ā āᵀ costs (m+1)² (`natgrad.low_rank`)."""
     a, g = a.astype(dtype), g.astype(dtype)
     if weight_sharing == "reduce":
         a, g = jnp.mean(a, axis=1), jnp.sum(g, axis=1)
     else:
         a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
     a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
+    if omega is not None:
+        sketch = a.T @ (a @ omega.astype(dtype))
+        return jnp.concatenate([sketch, jnp.sum(a * a, axis=0)[:, None]], axis=1), g.T @ g
     return a.T @ a, g.T @ g

@@ -3,7 +3,8 @@ r"""One custom VJP per declared layer call: the layer, plus K-FAC's factor sums 
     forward:   y = layer(W̄, x)                      (the kind's plain JAX);
     backward:  (∂W̄, ∂x) = the layer's own VJP of the output cotangent ct, and for the tags
                (A-tag, G-tag, …) the cotangents (Σ ā āᵀ, Σ g gᵀ, 0, …) of
-               `natgrad.blocks.sharing.factor_sums` over the kind's positions of (x, ct).
+               `natgrad.blocks.sharing.factor_sums` over the kind's positions of (x, ct);
+               an A-tag that is not square asks for A's sketch instead (`natgrad.low_rank`).
 
 The tags are zero arrays the caller differentiates with respect to: one VJP of the whole
 instrumented model returns every declared layer's factor sums next to the ordinary parameter
@@ -25,7 +26,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from natgrad import ekfac
+from natgrad import ekfac, low_rank
 from natgrad.blocks import KINDS, Spec, sharing
 
 __all__ = ["tapped"]
@@ -56,7 +57,10 @@ def tapped(spec: Spec):
             sums = kind.tag_sums(layer, x, ct, dtype)
         else:
             a, g = kind.positions(layer, x, ct, spec.options)
-            sums = sharing.factor_sums(a, g, spec.weight_sharing, dtype)
+            # An A-tag of (m+1) × (ℓ+1) asks for A's sketch (`natgrad.low_rank`).
+            rows, cols = tags[0].shape
+            omega = None if rows == cols else low_rank.padded_sketch(rows, cols - 1, "b" in layer)
+            sums = sharing.factor_sums(a, g, spec.weight_sharing, dtype, omega)
             if basis:
                 sums = (*sums, ekfac.scaling_sums(a, g, *basis, has_bias="b" in layer))
         sums = (*sums, *(jnp.zeros_like(t) for t in tags[len(sums) :]))
