@@ -21,9 +21,10 @@ A itself is never formed. K-FAC keeps, instead of the n × n average of ā āᵀ
 Y = A Ω with a fixed Gaussian test matrix Ω (n × ℓ, ℓ = 2k, `sketch_matrix`) and its diagonal
 (for tr A, π and the row count): [Y | diag A], n × (ℓ + 1), averaged like any factor since
 Y is linear in A. A batch adds Σ ā (āᵀΩ): 2nℓ flops a row where ā āᵀ costs n² (785 pixels:
-6× fewer), and the average is 6× smaller. A refresh recovers the top k eigenpairs by the
-Nyström approximation A ≈ Y (ΩᵀY)⁺ Yᵀ (Halko, Martinsson & Tropp 2011, §5.4; Tropp et al.
-2017): exact when rank A ≤ ℓ, otherwise off by about the eigenvalues beyond the ℓ-th.
+6× fewer), and the average is 785 × 65 instead of 785 × 785. A refresh recovers the top k
+eigenpairs by the Nyström approximation A ≈ Y (ΩᵀY)⁺ Yᵀ (Halko, Martinsson & Tropp 2011,
+§5.4; Tropp et al. 2017): exact when rank A ≤ ℓ, otherwise its eigenvalues are underestimates
+(Â ⪯ A), off by about the eigenvalues beyond the ℓ-th, and the tail mean μ̄ comes out high.
 """
 
 from __future__ import annotations
