@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from natgrad import _random, blocks, ekfac, layers
+from natgrad import _random, blocks, ekfac, layers, low_rank
 from natgrad.curvature import Curvature, check_batch, resolve
 from natgrad.losses import Loss
 
@@ -188,7 +188,7 @@ def _input_factor(slot, a_sum: jax.Array) -> jax.Array:
     token count of a diagonal A), without the bias row and column when there is no bias."""
     if a_sum.ndim == 1:
         return a_sum / jnp.maximum(jnp.sum(a_sum), 1)
-    if a_sum.shape[0] != a_sum.shape[1]:  # a sketch [Σ ā āᵀΩ | Σ ā²]: its last entry is Σ 1·1
+    if low_rank.is_sketch(a_sum):  # [Σ ā āᵀΩ | Σ ā²]: its last entry is Σ 1·1 too
         a = a_sum if slot.has_bias else a_sum[: slot.m]
     else:
         a = a_sum if slot.has_bias else a_sum[: slot.m, : slot.m]

@@ -199,15 +199,17 @@ def cg(
         p_new = _tree.axpy(ry_new / s.ry, s.p, y_new)
         i = s.i + 1
         # Two passes over the vectors only when something reads them: φ for Martens' rule (else
-        # it is computed once, after the loop), ‖r‖ apart from rᵀM⁻¹r when M ≠ I.
+        # it is computed once, after the loop; an x that overflows shows in rᵀM⁻¹r too), ‖r‖
+        # apart from rᵀM⁻¹r when M ≠ I.
+        finite = jnp.isfinite(pap) & jnp.isfinite(ry_new)
+        phi_hist = s.phi_hist
         if martens_stop:
             phi = _phi(x_new, b, r_new)
-            phi_hist = s.phi_hist.at[i].set(phi)
-        else:
-            phi, phi_hist = ry_new, s.phi_hist
+            phi_hist = phi_hist.at[i].set(phi)
+            finite = finite & jnp.isfinite(phi)
         r_norm = jnp.sqrt(ry_new) if preconditioner is None else _tree.norm(r_new)
 
-        nonfinite = jnp.logical_not(jnp.isfinite(pap) & jnp.isfinite(phi) & jnp.isfinite(ry_new))
+        nonfinite = jnp.logical_not(finite)
         bad = negative | nonfinite
         converged = r_norm <= threshold
         if martens_stop:

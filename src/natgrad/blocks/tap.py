@@ -58,8 +58,10 @@ def tapped(spec: Spec):
         else:
             a, g = kind.positions(layer, x, ct, spec.options)
             # An A-tag of (m+1) × (ℓ+1) asks for A's sketch (`natgrad.low_rank`).
-            rows, cols = tags[0].shape
-            omega = None if rows == cols else low_rank.padded_sketch(rows, cols - 1, "b" in layer)
+            omega = None
+            if low_rank.is_sketch(tags[0]):
+                rows, cols = tags[0].shape
+                omega = low_rank.padded_sketch(rows, cols - 1, "b" in layer)
             sums = sharing.factor_sums(a, g, spec.weight_sharing, dtype, omega)
             if basis:
                 sums = (*sums, ekfac.scaling_sums(a, g, *basis, has_bias="b" in layer))
