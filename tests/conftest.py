@@ -111,3 +111,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _is_listed(item.nodeid, prefixes):
             item.add_marker(pytest.mark.slow)
+
+
+def jitted_update(opt):
+    """`opt.update` under jit: one compiled program, where an eager call compiles each operation
+    (and each lax loop anew at every call) — the tests' time, not what they check."""
+    return jax.jit(lambda grads, state, params, **kw: opt.update(grads, state, params, **kw))

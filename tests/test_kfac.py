@@ -489,10 +489,14 @@ def test_curvature_batch_takes_the_statistics_of_the_first_examples_only():
     key = jax.random.PRNGKey(3)
 
     def update(opt, batch):
-        state = opt.init(params)
-        for _ in range(2):  # the second step uses the first one's factors
-            updates, state = opt.update(grads, state, params, batch=batch, key=key)
-        return updates, state.preconditioner_state
+        @jax.jit
+        def run(batch):
+            state = opt.init(params)
+            for _ in range(2):  # the second step uses the first one's factors
+                updates, state = opt.update(grads, state, params, batch=batch, key=key)
+            return updates, state.preconditioner_state
+
+        return run(batch)
 
     sub, sub_state = update(natgrad.kfac(dense_mlp, loss, curvature_batch=5), (x, y))
     ref, ref_state = update(natgrad.kfac(dense_mlp, loss), (x[::3], y[::3]))  # ⌈12/5⌉ = 3

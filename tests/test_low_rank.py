@@ -129,14 +129,19 @@ def test_kfac_keeps_the_sketch_of_the_exact_factor_and_inverts_it_blockwise(bias
     assert not isinstance(state.inverses.a[1], low_rank.LowRankInverse)
     lam = 1e-2
     kw = dict(apply_fn=_mlp, loss=loss, damping=lam)
-    for i in range(3):
-        key = jax.random.PRNGKey(6 + i)
-        m, state = pre.update(state, params, (x, y), key=key, **kw)
-        _, exact_state = exact.update(exact_state, params, (x, y), key=key, **kw)
+    g = jax.grad(lambda p: loss.mean(_mlp(p, x), y))(params)
+
+    @jax.jit  # three updates, then the direction (F̂ + λ)⁻¹ g of the last one
+    def run(state, exact_state):
+        for i in range(3):
+            key = jax.random.PRNGKey(6 + i)
+            m, state = pre.update(state, params, (x, y), key=key, **kw)
+            _, exact_state = exact.update(exact_state, params, (x, y), key=key, **kw)
+        return m.inverse().mv(g), state, exact_state
+
+    got, state, exact_state = run(state, exact_state)
     a_exact = exact_state.factors.a[0]
     np.testing.assert_allclose(state.factors.a[0], _sketch(a_exact, 4), rtol=1e-10, atol=1e-12)
-    g = jax.grad(lambda p: loss.mean(_mlp(p, x), y))(params)
-    got = m.inverse().mv(g)
     for i, layer in enumerate(g):
         a, gf = exact_state.factors.a[i], state.factors.g[i]
         da, dg = kronecker.pi_damping(a, gf, lam)
@@ -156,11 +161,15 @@ def test_kfac_with_a_low_rank_input_factor_trains():
     opt = natgrad.kfac(_mlp, loss, input_factor_rank=4, statistics_every=1, inverse_every=2)
     state = opt.init(params)
     value = lambda p: loss.mean(_mlp(p, x), y)  # noqa: E731
+
+    @jax.jit
+    def step(params, state, key):
+        updates, state = opt.update(jax.grad(value)(params), state, params, batch=(x, y), key=key)
+        return jax.tree.map(lambda p, u: p + u, params, updates), state
+
     start = value(params)
     for i in range(10):
-        g = jax.grad(value)(params)
-        updates, state = opt.update(g, state, params, batch=(x, y), key=jax.random.PRNGKey(i))
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        params, state = step(params, state, jax.random.PRNGKey(i))
     assert int(state.rejected_steps) == 0 and float(value(params)) < 0.7 * float(start)
 
 

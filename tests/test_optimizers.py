@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad
 import oracles
-from conftest import mlp_apply, mlp_params
+from conftest import jitted_update, mlp_apply, mlp_params
 from natgrad import damping as damping_lib
 from natgrad import losses, step_rules
 from natgrad.solvers import backtrack
@@ -422,16 +422,15 @@ def test_curvature_batch_solves_with_the_first_examples_curvature_and_the_whole_
 
     def update(curvature_batch):
         opt = make(mlp_apply, CE, curvature_batch=curvature_batch, **kwargs)
-        updates, _ = opt.update(unravel(g), opt.init(params), params, batch=batch)
+        updates, _ = jitted_update(opt)(unravel(g), opt.init(params), params, batch=batch)
         return np.asarray(ravel_pytree(updates)[0])
 
     every_4th = oracles.ggn(mlp_apply, CE, params, (x[:16:4], y[:16:4]))
-    np.testing.assert_allclose(
-        update(n), -oracles.damped_solve(every_4th, g, lam), rtol=1e-7, atol=1e-10
-    )
+    sub = update(n)
+    np.testing.assert_allclose(sub, -oracles.damped_solve(every_4th, g, lam), rtol=1e-7, atol=1e-10)
     whole = -oracles.damped_solve(oracles.ggn(mlp_apply, CE, params, batch), g, lam)
     np.testing.assert_allclose(update(None), whole, rtol=1e-7, atol=1e-10)
-    assert np.max(np.abs(update(n) - whole)) > 1e-3 * np.max(np.abs(whole))
+    assert np.max(np.abs(sub - whole)) > 1e-3 * np.max(np.abs(whole))
 
 
 @pytest.mark.parametrize("make", [natgrad.natural_gradient, natgrad.hessian_free, natgrad.kfac])

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import natgrad
+from conftest import jitted_update
 from natgrad import layers, losses
 
 CE = losses.softmax_cross_entropy()
@@ -185,7 +186,7 @@ def test_hessian_free_raises_a_fixed_damping_after_a_failed_line_search():
     grads = jax.grad(lambda p: CE.mean(relu_mlp(p, x), y))(params)
     ascent = jax.tree.map(jnp.negative, grads)  # no step along it lowers the loss
     opt = natgrad.hessian_free(relu_mlp, CE, damping=1e-4)
-    _, state = opt.update(ascent, opt.init(params), params, batch=(x, y))
+    _, state = jitted_update(opt)(ascent, opt.init(params), params, batch=(x, y))
     assert int(state.rejected_steps) == 1 and float(state.damping) > 1e-4
 
 

@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad
 import oracles
-from conftest import mlp_apply, mlp_params
+from conftest import jitted_update, mlp_apply, mlp_params
 from natgrad import curvature, kronecker, layers, losses, operators, preconditioners
 
 CE = losses.softmax_cross_entropy()
@@ -62,7 +62,7 @@ def test_one_natural_gradient_step_is_the_dense_damped_solve(name, solver):
     damping = 1.0 if name == "hessian" else LAM  # keep H + λI positive definite
     opt = exact_ngd(curvature=name, damping=damping, solver=solver)
     g = grad_of(params, batch)
-    updates, state = opt.update(g, opt.init(params), params, batch=batch, key=key)
+    updates, state = jitted_update(opt)(g, opt.init(params), params, batch=batch, key=key)
     if name == "fisher_mc":  # the optimiser draws its targets with the first half of its key
         matrix = oracles.fisher_mc(mlp_apply, CE, params, batch, jax.random.split(key)[0])
     else:
@@ -134,7 +134,7 @@ def test_hessian_free_default_preconditioner_changes_cg():
         opt = natgrad.hessian_free(
             mlp_apply, CE, preconditioner=pre, damping=1e-3, maxiter=60, martens_stop=False
         )
-        _, state = opt.update(g, opt.init(params), params, batch=batch)
+        _, state = jitted_update(opt)(g, opt.init(params), params, batch=batch)
         its[name] = int(state.cg_iterations)
     assert its["none"] != its["martens"], its
 
@@ -174,9 +174,10 @@ def test_kfac_direction_is_the_dense_block_diagonal_solve():
     key = jax.random.PRNGKey(0)
     # The first step has no statistics yet: M = I, a plain gradient step. It folds this batch's
     # statistics in afterwards, and the next step's direction solves with them.
-    first, state = opt.update(g, opt.init(params), params, batch=(x, y), key=key)
+    update = jitted_update(opt)
+    first, state = update(g, opt.init(params), params, batch=(x, y), key=key)
     np.testing.assert_allclose(flat(first), -flat(g), rtol=1e-12)
-    updates, _ = opt.update(g, state, params, batch=(x, y), key=key)
+    updates, _ = update(g, state, params, batch=(x, y), key=key)
     factors = state.preconditioner_state.factors
     n = flat(params).size
     m = np.diag(flat(factors.diag) + LAM)  # every block starts diagonal; Kronecker ones below
