@@ -1,8 +1,11 @@
 """Dense float64 oracles of a tiny model's curvature, by autodiff on the raveled parameters.
 
 Independent of natgrad's matrix-free code: Jacobians from `jax.jacfwd`, output Hessians and the
-loss Hessian from `jax.hessian`, per-example gradients from `jax.jacrev`.
+loss Hessian from `jax.hessian`, per-example gradients from `jax.jacrev`. Each is computed
+under `jax.jit` (`_compiled`): one program, where eager autodiff compiled each operation.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +13,23 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 
+def _compiled(oracle):
+    """`oracle(apply_fn, loss, params, batch, *rest)` run under jit, as a numpy array."""
+
+    @functools.wraps(oracle)
+    def run(apply_fn, loss, params, batch, *rest):
+        fn = jax.jit(lambda params, batch, *rest: oracle(apply_fn, loss, params, batch, *rest))
+        return np.asarray(fn(params, batch, *rest))
+
+    return run
+
+
 def _flat_model(apply_fn, params, x):
     flat, unravel = ravel_pytree(params)
     return flat, unravel, lambda v: apply_fn(unravel(v), x)
 
 
+@_compiled
 def ggn(apply_fn, loss, params, batch) -> np.ndarray:
     """(1/B) Σ_i J_iᵀ H_i J_i with H_i = ∂²ℓ/∂z² of each example."""
     x, y = batch
@@ -22,7 +37,7 @@ def ggn(apply_fn, loss, params, batch) -> np.ndarray:
     z = model(flat)
     jac = jax.jacfwd(model)(flat)  # (B, K, n)
     h = jax.vmap(lambda zi, yi: jax.hessian(lambda u: loss.nll(u[None], yi[None])[0])(zi))(z, y)
-    return np.asarray(jnp.einsum("bkn,bkl,blm->nm", jac, h, jac) / z.shape[0])
+    return jnp.einsum("bkn,bkl,blm->nm", jac, h, jac) / z.shape[0]
 
 
 def fisher(apply_fn, loss, params, batch) -> np.ndarray:
@@ -30,27 +45,30 @@ def fisher(apply_fn, loss, params, batch) -> np.ndarray:
     return ggn(apply_fn, loss, params, batch)
 
 
+@_compiled
 def empirical_fisher(apply_fn, loss, params, batch) -> np.ndarray:
     """(1/B) Σ_i g_i g_iᵀ from per-example gradients."""
     x, y = batch
     flat, _, model = _flat_model(apply_fn, params, x)
     per_example = jax.jacrev(lambda v: loss.nll(model(v), y))(flat)  # (B, n)
-    return np.asarray(per_example.T @ per_example / x.shape[0])
+    return per_example.T @ per_example / x.shape[0]
 
 
+@_compiled
 def hessian(apply_fn, loss, params, batch) -> np.ndarray:
     x, y = batch
     flat, _, model = _flat_model(apply_fn, params, x)
-    return np.asarray(jax.hessian(lambda v: loss.mean(model(v), y))(flat))
+    return jax.hessian(lambda v: loss.mean(model(v), y))(flat)
 
 
+@_compiled
 def fisher_mc(apply_fn, loss, params, batch, key) -> np.ndarray:
     """(1/B) Σ_i g̃_i g̃_iᵀ with g̃_i the gradient at a target sampled from the model by `key`."""
     x, _ = batch
     flat, _, model = _flat_model(apply_fn, params, x)
     sampled = loss.sample(jax.random.split(key, 1)[0], model(flat))
     per_example = jax.jacrev(lambda v: loss.nll(model(v), sampled))(flat)
-    return np.asarray(per_example.T @ per_example / x.shape[0])
+    return per_example.T @ per_example / x.shape[0]
 
 
 CURVATURES = {
@@ -61,10 +79,11 @@ CURVATURES = {
 }
 
 
+@_compiled
 def gradient(apply_fn, loss, params, batch) -> np.ndarray:
     x, y = batch
     flat, _, model = _flat_model(apply_fn, params, x)
-    return np.asarray(jax.grad(lambda v: loss.mean(model(v), y))(flat))
+    return jax.grad(lambda v: loss.mean(model(v), y))(flat)
 
 
 def damped_solve(matrix: np.ndarray, g: np.ndarray, damping: float) -> np.ndarray:

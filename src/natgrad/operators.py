@@ -72,14 +72,15 @@ class Operator:
     def to_dense(self) -> jax.Array:
         """The n×n matrix, columns in `jax.flatten_util.ravel_pytree(params)` order.
 
-        Costs n products: for small models and tests.
+        Costs n products: for small models and tests. Compiled as one program (called eagerly,
+        the n products vmapped op by op compiled each operation: 3-9x slower on small models).
         """
         flat, unravel = ravel_pytree(self.params)
 
         def column(e):
             return ravel_pytree(self.mv(unravel(e)))[0]
 
-        return jax.vmap(column)(jnp.eye(flat.size, dtype=flat.dtype)).T
+        return jax.jit(jax.vmap(column))(jnp.eye(flat.size, dtype=flat.dtype)).T
 
     def __add__(self, other: Operator) -> Operator:
         if not isinstance(other, Operator):
