@@ -26,7 +26,7 @@ demo: $(VENV)/.experiments
 pinn: $(VENV)/.experiments
 	$(VENV)/bin/natgrad pinn --problem poisson2d --budget 180 --out results/pinn-poisson2d
 
-# The full suite (what CI runs), on 2 xdist workers, one test file each: ~16 min on 2 cores.
+# The full suite (what CI runs), on 2 xdist workers, one test file each: ~17 min on 2 cores.
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -n 2 --dist loadfile
