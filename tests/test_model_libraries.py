@@ -20,6 +20,7 @@ import optax
 import pytest
 
 import natgrad
+from compile_options import FAST_COMPILE
 from conftest import mlp_apply
 from natgrad import losses
 
@@ -152,11 +153,6 @@ OPTIMISERS = {
     "hessian_free": natgrad.hessian_free,
 }
 LOSS = losses.softmax_cross_entropy()
-
-
-# These programs are tiny and each is run twice: XLA's compile time dominates, so compile without
-# LLVM's expensive passes (halves the time; the numerics under test are the same on both sides).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _make_step(optimiser, apply_fn):
