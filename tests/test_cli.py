@@ -296,5 +296,7 @@ def test_importing_natgrad_starts_no_jax_backend():
         "lineup.resolve(lineup.default_lineup()); cli.build_parser()\n"
         "print(xb.backends_are_initialized())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert proc.stdout.strip() == "False", proc.stderr

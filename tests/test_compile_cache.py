@@ -70,5 +70,7 @@ def test_importing_natgrad_or_the_benchmarks_leaves_the_jax_configuration_alone(
         "assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0  # JAX's default\n"
     )
     env = {**os.environ, "NATGRAD_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr

@@ -185,7 +185,10 @@ def test_version():
     import natgrad
 
     proc = subprocess.run(
-        [sys.executable, "-m", "natgrad", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "natgrad", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == f"natgrad {natgrad.__version__}"
 
@@ -198,7 +201,9 @@ def test_help_and_version_import_no_jax(argv):
         f"status = cli.main({argv!r})\n"
         "print(status, sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "0 []"
 
