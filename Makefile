@@ -26,16 +26,16 @@ demo: $(VENV)/.experiments
 pinn: $(VENV)/.experiments
 	$(VENV)/bin/natgrad pinn --problem poisson2d --budget 180 --out results/pinn-poisson2d
 
-# The full suite (what CI runs), on 2 xdist workers, one test file each: ~17 min on 2 cores.
+# The full suite (what CI runs), on 2 xdist workers, one test file each: ~16 min on 2 cores.
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The inner loop: every test but those marked slow (end-to-end runs, subprocesses, compiles of
-# full-size models); under 2 min on a quiet 2-core machine.
+# full-size models), on the same 2 workers; under 2 min on a quiet 2-core machine.
 test-fast: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 bench: $(VENV)/.test data
 	$(PY) -m benchmarks --out results/bench
