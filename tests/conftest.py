@@ -7,19 +7,16 @@ import jax
 # The `natgrad` command caches compiled steps on disk (natgrad.experiments.cli.compilation_cache);
 # the tests' runs, in-process or in subprocesses, do not, unless a test asks for it.
 os.environ.setdefault("NATGRAD_CACHE_DIR", "off")
-# The in-process tests compile without LLVM's expensive passes (tests/compile_options.py): the
-# suite is XLA-compile bound, and this about halves each compile. Only this process's CPU
-# backend gets the flags (it is initialised here): the subprocesses the tests start (the CLI,
-# the README, the examples) inherit the caller's XLA_FLAGS and compile as users do.
+# The in-process tests compile with tests/compile_options.py's FAST_COMPILE (no LLVM expensive
+# passes): the suite is XLA-compile bound, and this about halves each compile. Only this
+# process's CPU backend gets the flags (it is initialised here): the subprocesses the tests start
+# (the CLI, the README, the examples) inherit the caller's XLA_FLAGS and compile as users do.
 if os.environ.get("NATGRAD_TEST_FULL_COMPILE") != "1":
+    from compile_options import FAST_COMPILE
+
     _user_flags = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = " ".join(
-        [
-            _user_flags or "",
-            "--xla_backend_optimization_level=0",
-            "--xla_llvm_disable_expensive_passes=true",
-        ]
-    ).strip()
+    _fast = [f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE.items()]
+    os.environ["XLA_FLAGS"] = " ".join([_user_flags or "", *_fast]).strip()
     jax.devices()
     if _user_flags is None:
         del os.environ["XLA_FLAGS"]
