@@ -8,7 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 import natgrad
 from conftest import mlp_apply, mlp_params, problem, train
-from natgrad import curvature, layers, losses, preconditioners, solvers
+from natgrad import curvature, layers, losses, per_example, preconditioners, solvers
 
 
 def dense_mlp(params, x):
@@ -30,6 +30,91 @@ def test_empirical_fisher_diagonal_is_the_diagonal_of_the_dense_empirical_fisher
     dense = curvature.empirical_fisher(mlp_apply, loss, params, batch).to_dense()
     diag = preconditioners.empirical_fisher_diagonal(mlp_apply, loss, params, batch)
     np.testing.assert_allclose(ravel_pytree(diag)[0], jnp.diag(dense), rtol=1e-10, atol=1e-13)
+
+
+def _small_cnn(params, x):
+    """conv2d 3×3 stride 1 SAME, conv2d 2×2 stride 2 VALID without bias, dense: 6×6 images."""
+    x = jnp.tanh(layers.conv2d(params[0], x.reshape(-1, 6, 6, 1)))
+    x = jnp.tanh(layers.conv2d(params[1], x, strides=(2, 2), padding="VALID"))
+    return layers.dense(params[2], x.reshape(x.shape[0], -1))
+
+
+def _sequence_model(params, x):
+    """A dense layer shared over 4 positions, layer norm, then mean-pooled to 3 logits."""
+    h = jnp.tanh(layers.dense(params["embed"], x.reshape(x.shape[0], 4, -1)))
+    h = layers.layer_norm(params["norm"], h)
+    return layers.dense(params["out"], jnp.mean(h, axis=1))
+
+
+def _declared_models():
+    k = jax.random.split(jax.random.PRNGKey(3), 8)
+    normal = lambda i, shape: 0.5 * jax.random.normal(k[i], shape)  # noqa: E731
+    mlp = [{"w": normal(0, (3, 4)), "b": normal(1, (4,))}, {"w": normal(2, (4, 3))}]
+    cnn = [
+        {"w": normal(0, (3, 3, 1, 2)), "b": normal(1, (2,))},
+        {"w": normal(2, (2, 2, 2, 3))},
+        {"w": normal(3, (27, 3)), "b": normal(4, (3,))},
+    ]
+    seq = {
+        "embed": {"w": normal(0, (2, 5)), "b": normal(1, (5,))},
+        "norm": {"scale": 1 + normal(2, (5,)), "bias": normal(3, (5,))},
+        "out": {"w": normal(4, (5, 3)), "b": normal(5, (3,))},
+    }
+    return {
+        "mlp": (dense_mlp, mlp, jax.random.normal(k[5], (6, 3))),
+        "cnn": (_small_cnn, cnn, jax.random.normal(k[5], (6, 36))),
+        "sequence": (_sequence_model, seq, jax.random.normal(k[5], (6, 8))),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "sequence"])
+def test_one_pass_empirical_fisher_diagonal_of_declared_layers_matches_the_dense_oracle(name):
+    """Declared dense (with and without bias, one position or 4 shared ones), conv2d (strides,
+    paddings) and layer-norm layers: the one-backward-pass sum of squared per-example gradients
+    is the diagonal of the dense empirical Fisher, and the loop over examples agrees."""
+    apply_fn, params, x = _declared_models()[name]
+    loss = losses.softmax_cross_entropy()
+    batch = (x, jnp.arange(x.shape[0]) % 3)
+    assert per_example.squared_gradient_sum(apply_fn, loss, params, batch) is not None
+    dense = curvature.empirical_fisher(apply_fn, loss, params, batch).to_dense()
+    fast = jax.jit(lambda p, b: preconditioners.empirical_fisher_diagonal(apply_fn, loss, p, b))
+    looped = preconditioners.looped_empirical_fisher_diagonal(apply_fn, loss, params, batch)
+    diag = ravel_pytree(fast(params, batch))[0]
+    assert jnp.min(jnp.diag(dense)) >= 0 and jnp.max(jnp.diag(dense)) > 1e-3
+    np.testing.assert_allclose(diag, jnp.diag(dense), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(diag, ravel_pytree(looped)[0], rtol=1e-10, atol=1e-14)
+
+
+def test_one_pass_sum_declines_models_with_parameters_outside_declared_layers():
+    """Undeclared layers, a bare parameter, a declared-looking dict used by hand, an embedding:
+    no one-pass sum (None), and `empirical_fisher_diagonal` still gives the exact diagonal."""
+    loss = losses.softmax_cross_entropy()
+    apply_fn, params, x = _declared_models()["mlp"]
+    batch = (x, jnp.arange(x.shape[0]) % 3)
+
+    def with_scalar(p, x):
+        return dense_mlp(p["layers"], x) * p["temperature"]
+
+    def by_hand(p, x):
+        return jnp.tanh(layers.dense(p[0], x)) @ p[1]["w"]
+
+    vocab = {"embedding": jax.random.normal(jax.random.PRNGKey(4), (5, 3))}
+
+    def with_embedding(p, x):
+        ids = (jnp.abs(x[:, :2]) * 3).astype(jnp.int32) % 5
+        return dense_mlp(p["mlp"], jnp.mean(layers.embedding(p["vocab"], ids), axis=1))
+
+    cases = [
+        (mlp_apply, *problem(loss)),
+        (with_scalar, {"layers": params, "temperature": jnp.asarray(1.5)}, batch),
+        (by_hand, params, batch),
+        (with_embedding, {"mlp": params, "vocab": vocab}, batch),
+    ]
+    for model, p, batch in cases:
+        assert per_example.squared_gradient_sum(model, loss, p, batch) is None
+        dense = curvature.empirical_fisher(model, loss, p, batch).to_dense()
+        diag = preconditioners.empirical_fisher_diagonal(model, loss, p, batch)
+        np.testing.assert_allclose(ravel_pytree(diag)[0], jnp.diag(dense), rtol=1e-10, atol=1e-14)
 
 
 def test_hutchinson_estimate_is_unbiased():
