@@ -42,6 +42,61 @@ def test_pytree_solution_matches_dense_solve():
     np.testing.assert_allclose(res.x["v"], dense["v"], atol=1e-10)
 
 
+@pytest.mark.parametrize("martens_stop", [False, True])
+def test_pytree_of_one_dtype_runs_as_the_raveled_system(martens_stop):
+    """Leaves of one dtype are solved raveled into one vector (one kernel per update): the
+    same result, field by field, as CG on the raveled system by hand, with the warm start,
+    the preconditioner and the saved iterates unraveled to the tree's shape."""
+    a = spd(jax.random.PRNGKey(1), 9, cond=30.0)
+    split = lambda v: {"w": v[:6].reshape(2, 3), "b": v[6:]}  # noqa: E731
+
+    def join(t):  # the tree's leaves in their order, "b" then "w"
+        return jnp.concatenate([t["b"], t["w"].ravel()])
+
+    perm = jnp.concatenate([jnp.arange(6, 9), jnp.arange(6)])
+    a_tree = a[perm][:, perm]  # A in the raveled order of the tree's leaves
+    d = jnp.diag(a)
+
+    def mv(t):
+        return split(a @ jnp.concatenate([t["w"].ravel(), t["b"]]))
+
+    def precond(t):
+        return split(jnp.concatenate([t["w"].ravel(), t["b"]]) / d)
+
+    b = split(jax.random.normal(jax.random.PRNGKey(2), (9,)))
+    x0 = split(0.1 * jnp.ones(9))
+    options = dict(maxiter=7, tol=1e-10, martens_stop=martens_stop, save_iterates=True)
+    tree = solvers.cg(mv, b, x0=x0, preconditioner=precond, **options)
+    flat = solvers.cg(
+        lambda v: a_tree @ v, join(b), x0=join(x0), preconditioner=lambda v: v / d[perm], **options
+    )
+    assert jax.tree.structure(tree.x) == jax.tree.structure(b)
+    assert tree.saved["w"].shape == (len(solvers.save_schedule(7)) + 1, 2, 3)
+    # The same algorithm; only the products' summation order differs.
+    for field in ("iterations", "status", "saved_steps"):
+        np.testing.assert_array_equal(getattr(tree, field), getattr(flat, field))
+    for field in ("residual_norm", "phi"):
+        np.testing.assert_allclose(getattr(tree, field), getattr(flat, field), rtol=1e-10)
+    np.testing.assert_allclose(join(tree.x), flat.x, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(join(tree.residual), flat.residual, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(jax.vmap(join)(tree.saved), flat.saved, rtol=1e-10, atol=1e-13)
+
+
+def test_pytree_of_mixed_dtypes_is_solved_leaf_by_leaf():
+    a = spd(jax.random.PRNGKey(3), 5)
+    b = {"u": jnp.arange(1.0, 4.0), "v": jnp.ones((2,), jnp.float32)}
+
+    def mv(t):
+        out = a @ jnp.concatenate([t["u"], t["v"].astype(jnp.float64)])
+        return {"u": out[:3], "v": out[3:].astype(jnp.float32)}
+
+    res = solvers.cg(mv, b, maxiter=50, tol=1e-6)
+    assert res.x["u"].dtype == jnp.float64 and res.x["v"].dtype == jnp.float32
+    exact = jnp.linalg.solve(a, jnp.concatenate([b["u"], b["v"].astype(jnp.float64)]))
+    np.testing.assert_allclose(res.x["u"], exact[:3], rtol=1e-5)
+    np.testing.assert_allclose(res.x["v"], exact[3:], rtol=1e-5)
+
+
 def test_warm_start_from_the_solution_needs_no_iterations():
     a = spd(jax.random.PRNGKey(1), 8)
     b = jnp.ones(8)
