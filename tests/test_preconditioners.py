@@ -117,6 +117,19 @@ def test_one_pass_sum_declines_models_with_parameters_outside_declared_layers():
         np.testing.assert_allclose(ravel_pytree(diag)[0], jnp.diag(dense), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 0.6, 0.75, 1.0])
+def test_martens_diagonal_is_the_damped_diagonal_to_the_power_alpha(alpha):
+    """M = (diag + λ)^α, α = ¾ and the other quarter powers by square roots: NumPy's power."""
+    loss = losses.softmax_cross_entropy()
+    params, batch = problem(loss)
+    pre = preconditioners.martens_diagonal(alpha=alpha)
+    m, _ = pre.update(pre.init(params), params, batch, apply_fn=mlp_apply, loss=loss, damping=0.1)
+    diag = preconditioners.empirical_fisher_diagonal(mlp_apply, loss, params, batch)
+    expected = np.power(np.asarray(ravel_pytree(diag)[0]) + 0.1, alpha)
+    ones = jax.tree.map(jnp.ones_like, params)
+    np.testing.assert_allclose(ravel_pytree(m.mv(ones))[0], expected, rtol=1e-14)
+
+
 def test_hutchinson_estimate_is_unbiased():
     loss = losses.softmax_cross_entropy()
     params, batch = problem(loss)

