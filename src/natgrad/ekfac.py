@@ -52,6 +52,7 @@ __all__ = [
     "refresh",
     "basis",
     "scaling_sums",
+    "squared_sums",
     "rotate",
     "apply_inverse",
     "damped_product",
@@ -109,7 +110,14 @@ def scaling_sums(
     a, g = a.astype(dtype), g.astype(dtype)
     if has_bias:
         a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), dtype)], axis=-1)
-    a, g = a @ q_a, g @ q_g  # projected positions, (B, S, m+1) and (B, S, n)
+    return squared_sums(a @ q_a, g @ q_g)  # projected positions, (B, S, m+1) and (B, S, n)
+
+
+def squared_sums(a: jax.Array, g: jax.Array) -> jax.Array:
+    """Σ_b (Σ_s a_bs g_bsᵀ)² for positions a (B, S, m) and g (B, S, n): each example's gradient
+    Σ_s a_bs g_bsᵀ squared, summed over the examples; with one position (a²)ᵀ(g²), one matmul.
+    `scaling_sums` takes it in the eigenbasis, Martens' diagonal (`natgrad.per_example`) in the
+    parameters' own."""
     if a.shape[1] == 1:
         return jnp.square(a[:, 0]).T @ jnp.square(g[:, 0])
     return jnp.sum(jnp.square(jnp.einsum("bsj,bsk->bjk", a, g)), axis=0)

@@ -17,11 +17,11 @@ backward passes of batch 1 (Martens' 2010 diagonal preconditioner needs this sum
 `natgrad.preconditioners.empirical_fisher_diagonal`). Scale-and-shift layers give their
 per-example squares as they do to K-FAC (`natgrad.blocks.scale_shift`).
 
-It applies only when every parameter sits in a dense, conv2d or scale-and-shift layer the
-model declares (`natgrad.layers`), which is known when the model is traced;
-`squared_gradient_sum` returns None otherwise (embeddings, undeclared parameters), and the
-caller loops over examples. Like K-FAC's taps it assumes the batch axis comes first and the
-examples do not interact (no batch statistics).
+It applies only when every parameter sits in a layer the model declares (`natgrad.layers`)
+whose kind has positions (dense, conv2d) or per-example squares of its own (scale-and-shift),
+which is known when the model is traced; `squared_gradient_sum` returns None otherwise
+(embeddings, undeclared parameters), and the caller loops over examples. Like K-FAC's taps
+it assumes the batch axis comes first and the examples do not interact (no batch statistics).
 """
 
 from __future__ import annotations
@@ -34,15 +34,14 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from natgrad import blocks, layers
+from natgrad import blocks, ekfac, layers
 from natgrad.curvature import check_batch
 
 __all__ = ["squared_gradient_sum"]
 
 PyTree = Any
 
-_POSITIONS = ("dense", "conv2d")  # kinds with `positions`
-_OWN_SUMS = ("scale_shift",)  # kinds whose `tag_sums` are per-example squares
+_OWN_SUMS = ("scale_shift",)  # kinds whose `tag_sums` are per-example squares (not embedding's)
 
 
 def squared_gradient_sum(apply_fn: Callable, loss, params: PyTree, batch) -> PyTree | None:
@@ -86,7 +85,7 @@ class _Probe(layers.LayerProbe):
     def call(self, kind: str, x: jax.Array, options: tuple) -> jax.Array:
         module = blocks.module(kind)
         module.check(self.layer, x)
-        if kind not in _POSITIONS + _OWN_SUMS:
+        if not (hasattr(module, "positions") or kind in _OWN_SUMS):
             return module.apply(self.layer, x, options)
         self.record.used.add(self.slot)
         return _tapped(blocks.Spec(kind, "expand", options))(self.layer, x, self.tags[0])
@@ -112,11 +111,11 @@ def _tapped(spec: blocks.Spec):
         _, vjp_fn = jax.vjp(plain, layer, x)
         d_layer, dx = vjp_fn(ct)
         dtype = jax.tree.leaves(tag)[0].dtype
-        if spec.kind in _OWN_SUMS:
-            sums = dict(zip(sorted(layer), kind.tag_sums(layer, x, ct, dtype), strict=True))
-        else:
+        if hasattr(kind, "positions"):
             a, g = kind.positions(layer, x, ct, spec.options)
             sums = _squares(a.astype(dtype), g.astype(dtype), layer)
+        else:
+            sums = dict(zip(sorted(layer), kind.tag_sums(layer, x, ct, dtype), strict=True))
         return d_layer, dx, {k: sums[k].reshape(tag[k].shape).astype(tag[k].dtype) for k in tag}
 
     call.defvjp(fwd, bwd)
@@ -124,14 +123,10 @@ def _tapped(spec: blocks.Spec):
 
 
 def _squares(a: jax.Array, g: jax.Array, layer: Mapping) -> dict:
-    """{"w": Σ_b (Σ_s a_bs g_bsᵀ)², "b": Σ_b (Σ_s g_bs)²} for positions a (B, S, m), g (B, S, n)."""
-    if a.shape[1] == 1:
-        a, g = a[:, 0], g[:, 0]
-        sums = {"w": jnp.square(a).T @ jnp.square(g), "b": jnp.sum(jnp.square(g), axis=0)}
-    else:
-        per_example = jnp.einsum("bsj,bsk->bjk", a, g)
-        sums = {
-            "w": jnp.sum(jnp.square(per_example), axis=0),
-            "b": jnp.sum(jnp.square(jnp.sum(g, axis=1)), axis=0),
-        }
-    return {k: sums[k] for k in layer}
+    """{"w": Σ_b (Σ_s a_bs g_bsᵀ)², "b": Σ_b (Σ_s g_bs)²} for positions a (B, S, m), g (B, S, n):
+    `ekfac.squared_sums` of ā = [a, 1] (its last row the bias's)."""
+    m = a.shape[-1]
+    if "b" in layer:
+        a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+    sums = ekfac.squared_sums(a, g)
+    return {"w": sums[:m], "b": sums[m]} if "b" in layer else {"w": sums}
