@@ -146,20 +146,19 @@ def cg(
     )
     matvec = as_matvec(matvec)
     precond = as_matvec(preconditioner) if preconditioner is not None else None
-    leaves = jax.tree.leaves(b)
-    if len(leaves) < 2 or len({jnp.result_type(a) for a in leaves}) > 1:
+    if not _tree.ravels(b):
         return _cg(matvec, b, x0=x0, preconditioner=precond, **options)
     # Several leaves of one dtype: CG's vector arithmetic on them raveled into one vector, one
     # kernel per update instead of one per leaf (XLA's CPU backend compiles each separately).
     flat_b, unravel = ravel_pytree(b)
 
     def flat(f):
-        return lambda v: _ravel(f(unravel(v)))
+        return lambda v: _tree.ravel(f(unravel(v)))
 
     res = _cg(
         flat(matvec),
         flat_b,
-        x0=None if x0 is None else _ravel(_tree.cast_like(x0, b)),
+        x0=None if x0 is None else _tree.ravel(_tree.cast_like(x0, b)),
         preconditioner=None if precond is None else flat(precond),
         **options,
     )
@@ -168,10 +167,6 @@ def cg(
         residual=unravel(res.residual),
         saved=None if res.saved is None else jax.vmap(unravel)(res.saved),
     )
-
-
-def _ravel(tree: PyTree) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
 
 
 def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save_iterates):
