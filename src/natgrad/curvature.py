@@ -192,12 +192,13 @@ def fisher_mc(
 def _sampled_scores(loss: Loss, outputs, key: jax.Array, num_samples: int) -> jax.Array:
     """Scores s̃_s = ∇_z ℓ(z, ỹ_s) of `num_samples` targets ỹ_s ~ p(·|z), stacked: (S, B, ...).
 
-    One sample (the default) is drawn without `jax.vmap`: a vmapped draw compiled to loops
-    over the key on XLA's CPU backend (the same numbers either way).
+    One sample (the default) is drawn from `key` itself, without a split (each derivation of a
+    key is a threefry loop for XLA to compile) and without `jax.vmap` (a vmapped draw compiled
+    to loops over the key on XLA's CPU backend).
     """
-    keys = jax.random.split(key, num_samples)
     if num_samples == 1:
-        return loss.score(outputs, loss.sample(keys[0], outputs))[None]
+        return loss.score(outputs, loss.sample(key, outputs))[None]
+    keys = jax.random.split(key, num_samples)
     sampled = jax.vmap(lambda k: loss.sample(k, outputs))(keys)
     return jax.vmap(lambda t: loss.score(outputs, t))(sampled)
 

@@ -109,7 +109,11 @@ def statistics(
     loss.validate(outputs, targets)
     batch_size = outputs.shape[0]
 
-    k_factor, k_signs = (None, None) if key is None else jax.random.split(key)
+    # Two independent keys only when both are drawn from: several sampled targets, whose summed
+    # cotangents get random signs. One sample (the default) draws its targets from `key`; the
+    # exact Fisher's columns are not random and their signs take `key`.
+    both = curvature.name == "fisher_mc" and curvature.num_samples > 1
+    k_factor, k_signs = jax.random.split(key) if key is not None and both else (key, key)
     cts = curvature.output_factor(loss, outputs, targets, k_factor)
     many = cts.shape[0] > 1
     if many:
