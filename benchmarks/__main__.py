@@ -10,7 +10,15 @@ import time
 from benchmarks import timing
 
 # Each module has main(argv) -> dict and writes <name>.json into --out.
-BENCHMARKS = ("curvature", "steps", "kfac", "time_to_target", "sharding", "charlm")
+BENCHMARKS = (
+    "curvature",
+    "steps",
+    "kfac",
+    "compile_time",
+    "time_to_target",
+    "sharding",
+    "charlm",
+)
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ["write", "markdown", "plot_curves", "plot_task", "write_lineup", "verdict", "main"]
 
 REPORT_NAME = "REPORT.md"
-KNOWN = ("time_to_target", "curvature", "steps", "kfac", "sharding", "charlm")
+KNOWN = ("time_to_target", "curvature", "steps", "kfac", "compile_time", "sharding", "charlm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +271,28 @@ def steps_section(p: dict) -> list[str]:
     return lines
 
 
+def compile_section(p: dict) -> list[str]:
+    fs, c = p["first_step"], p["cache"]
+    rows = [
+        [n, r["total_seconds"], r["over_adam"], r["kernels"], r.get("met")]
+        for n, r in fs["optimizers"].items()
+    ]
+    cached = [
+        [n, r["first_seconds"], r["second_seconds"], r["met"]] for n, r in c["optimizers"].items()
+    ]
+    return [
+        f"First-step compile (trace + lower + XLA), MLP {fmt(fs['model'])}, batch "
+        f"{fs['batch_size']}, defaults; {fs['rounds']} interleaved rounds, the ratio to Adam's "
+        f"taken within each (target ≤ {fmt(fs['target'])}):",
+        "",
+        *table(["optimizer", "compile s", "÷ Adam's", "kernels", "met"], rows),
+        f"`{c['command']}`: each optimizer's compile seconds, compiled in the first run, read "
+        f"from the cache in the second (target < {fmt(c['target_seconds'])} s):",
+        "",
+        *table(["optimizer", "first run s", "second run s", "met"], cached),
+    ]
+
+
 def sharding_section(p: dict) -> list[str]:
     rows = [[r["devices"], r["step_seconds"], r["examples_per_second"]] for r in p["runs"]]
     est = p["estimate_100M_params_8_devices"]
@@ -383,6 +405,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "curvature": ("Curvature products", curvature_section),
     "steps": ("Optimiser steps", steps_section),
     "kfac": ("K-FAC", generic_section),
+    "compile_time": ("Compilation", compile_section),
     "sharding": ("Sharding", sharding_section),
     "charlm": ("Character-level transformer", charlm_section),
 }
