@@ -63,10 +63,11 @@ def hessian(apply_fn, loss, params, batch) -> np.ndarray:
 
 @_compiled
 def fisher_mc(apply_fn, loss, params, batch, key) -> np.ndarray:
-    """(1/B) Σ_i g̃_i g̃_iᵀ with g̃_i the gradient at a target sampled from the model by `key`."""
+    """(1/B) Σ_i g̃_i g̃_iᵀ with g̃_i the gradient at a target sampled from the model by `key`
+    (one sample per example, drawn from the key itself as `natgrad.curvature.fisher_mc` does)."""
     x, _ = batch
     flat, _, model = _flat_model(apply_fn, params, x)
-    sampled = loss.sample(jax.random.split(key, 1)[0], model(flat))
+    sampled = loss.sample(key, model(flat))
     per_example = jax.jacrev(lambda v: loss.nll(model(v), sampled))(flat)
     return per_example.T @ per_example / x.shape[0]
 
