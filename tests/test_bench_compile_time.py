@@ -11,6 +11,9 @@ def test_kernels_counts_what_xla_emits_code_for():
     # A matrix product, a reduction and a non-fusible data dependency: more kernels.
     many = jax.jit(lambda a: jnp.sum(jnp.tanh(a @ a) @ a, axis=0) + jnp.max(a)).lower(x)
     assert compile_time.kernels(one) == 1
+    # argmax fuses into one multi-output kernel, whose shape is a tuple: (f32[64], s32[64]).
+    tuple_shaped = jax.jit(lambda a: jnp.argmax(jnp.sin(a) * 2, axis=0)).lower(x)
+    assert compile_time.kernels(tuple_shaped.compile().as_text()) == 1
     assert compile_time.kernels(many.compile().as_text()) > 1
 
 
