@@ -55,7 +55,9 @@ def _optimizers(apply_fn, loss):
         "kfac": kfac(apply_fn, loss),
         "kfac_reject_rises": kfac(apply_fn, loss, reject_rises=True),
         "kfac_every_step_inverse_5": kfac(apply_fn, loss, statistics_every=1, inverse_every=5),
-        "kfac_exact_inverses": kfac(apply_fn, loss, input_factor_rank=None),
+        "kfac_exact_inverses": kfac(
+            apply_fn, loss, input_factor_rank=None, output_factor_rank=None
+        ),
     }
 
 
@@ -117,9 +119,17 @@ def bench_phases(sizes, batch_size, repeats: int) -> dict:
         "gradient": lambda: grad_fn(params, data),
         "forward": lambda: forward_fn(params, data),
     }
-    variants = {"default": defaults.KFAC_INPUT_FACTOR_RANK, "exact": None}
-    for name, rank in variants.items():
-        pre = preconditioners.kfac(statistics_every=1, inverse_every=1, input_factor_rank=rank)
+    variants = {
+        "default": (defaults.KFAC_INPUT_FACTOR_RANK, defaults.KFAC_OUTPUT_FACTOR_RANK),
+        "exact": (None, None),
+    }
+    for name, (rank_a, rank_g) in variants.items():
+        pre = preconditioners.kfac(
+            statistics_every=1,
+            inverse_every=1,
+            input_factor_rank=rank_a,
+            output_factor_rank=rank_g,
+        )
         state = pre.init(params)
 
         def statistics_pass(state, params, data, key):
@@ -155,7 +165,7 @@ def bench_phases(sizes, batch_size, repeats: int) -> dict:
         "amortised_sum_over_sgd": amortised,
         "statistics_every": every_s,
         "inverse_every": every_i,
-        "input_factor_rank": variants,
+        "factor_ranks": {name: list(ranks) for name, ranks in variants.items()},
     }
 
 

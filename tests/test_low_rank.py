@@ -1,5 +1,5 @@
-"""K-FAC's rank-k-plus-identity input-factor inverse (`natgrad.low_rank`, `input_factor_rank`)
-against dense float64 oracles."""
+"""K-FAC's rank-k-plus-identity factor inverses (`natgrad.low_rank`, `input_factor_rank`,
+`output_factor_rank`) against dense float64 oracles."""
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +156,72 @@ def test_kfac_keeps_the_sketch_of_the_exact_factor_and_inverts_it_blockwise(bias
             np.testing.assert_allclose(got[i]["b"], want[-1], rtol=1e-6, atol=1e-9)
 
 
+def _wide_problem():
+    """An MLP 20-12-3 whose hidden layer's output factor G (12 × 12) has 3 large eigenvalues
+    (its second layer's weights mostly in a 3-dimensional subspace), float64."""
+    params, x, y, loss = _problem()
+    k = jax.random.split(jax.random.PRNGKey(8), 3)
+    w1 = jax.random.normal(k[1], (3, 3), jnp.float64) @ jax.random.normal(
+        k[2], (3, 12), jnp.float64
+    )
+    params = [
+        {"w": jax.random.normal(k[0], (20, 12), jnp.float64) / 4, "b": jnp.zeros(12, jnp.float64)},
+        {
+            "w": (w1.T + 0.05 * jax.random.normal(k[1], (12, 3), jnp.float64)) / 2,
+            "b": jnp.zeros(3, jnp.float64),
+        },
+    ]
+    return params, x, y, loss
+
+
+@pytest.mark.parametrize("input_rank", [None, 4])
+def test_kfac_keeps_the_sketch_of_the_exact_output_factor_and_inverts_it_blockwise(input_rank):
+    """output_factor_rank=3: the hidden layer's 12-wide G is kept as its sketch [G Ω | diag G]
+    (ℓ = 6), equal to that of the exact G an exact run averages from the same statistics (the
+    3-wide G of the last layer stays exact); (F̂ + λ)⁻¹ g is, per layer, A⁻¹ [dW; db] G⁻¹ with
+    G⁻¹ the dense Nyström oracle of the exact G (and A⁻¹ A's, for both layers' A with
+    input_factor_rank=4); and
+    the damped product F̂ + λ, built from the same low-rank factors, undoes it."""
+    params, x, y, loss = _wide_problem()
+    make = natgrad.preconditioners.kfac
+    pre = make(
+        statistics_every=1, inverse_every=1, input_factor_rank=input_rank, output_factor_rank=3
+    )
+    exact = make(statistics_every=1, inverse_every=1, output_factor_rank=None)
+    state, exact_state = pre.init(params), exact.init(params)
+    assert state.factors.g[0].shape == (12, 7) and state.factors.g[1].shape == (3, 3)
+    assert isinstance(state.inverses.g[0], low_rank.LowRankInverse)
+    assert not isinstance(state.inverses.g[1], low_rank.LowRankInverse)
+    lam = 1e-2
+    kw = dict(apply_fn=_mlp, loss=loss, damping=lam)
+    g = jax.grad(lambda p: loss.mean(_mlp(p, x), y))(params)
+
+    @jax.jit
+    def run(state, exact_state):
+        for i in range(3):
+            key = jax.random.PRNGKey(6 + i)
+            m, state = pre.update(state, params, (x, y), key=key, **kw)
+            _, exact_state = exact.update(exact_state, params, (x, y), key=key, **kw)
+        direction = m.inverse().mv(g)
+        return direction, m.mv(direction), state, exact_state
+
+    got, back, state, exact_state = run(state, exact_state)
+    g_exact = exact_state.factors.g[0]
+    np.testing.assert_allclose(state.factors.g[0], _sketch(g_exact, 3), rtol=1e-10, atol=1e-14)
+    for i, layer in enumerate(g):
+        a, gf = exact_state.factors.a[i], exact_state.factors.g[i]
+        da, dg = kronecker.pi_damping(a, gf, lam)
+        low_a = input_rank is not None  # both A's (21 and 13 wide) are wider than 2·4
+        a_inv = _nystrom_oracle(a, 4, da) if low_a else jnp.linalg.inv(a + da * jnp.eye(len(a)))
+        g_inv = _nystrom_oracle(gf, 3, dg) if i == 0 else jnp.linalg.inv(gf + dg * jnp.eye(3))
+        v = jnp.concatenate([layer["w"], layer["b"][None]], 0)
+        want = a_inv @ v @ g_inv
+        np.testing.assert_allclose(got[i]["w"], want[:-1], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(got[i]["b"], want[-1], rtol=1e-6, atol=1e-9)
+    for b, want in zip(jax.tree.leaves(back), jax.tree.leaves(g), strict=True):
+        np.testing.assert_allclose(b, want, rtol=1e-7, atol=1e-10)
+
+
 def test_kfac_with_a_low_rank_input_factor_trains():
     params, x, y, loss = _problem()
     opt = natgrad.kfac(_mlp, loss, input_factor_rank=4, statistics_every=1, inverse_every=2)
@@ -201,28 +267,34 @@ def _dense_layers(sizes):
     return apply, params
 
 
-def test_kfac_default_inverts_input_factors_wider_than_512_as_rank_32():
-    """``input_factor_rank="auto"`` (`defaults.KFAC_INPUT_FACTOR_RANK`): rank 32 for the
-    514-wide input factor, exact for the 512-wide one (not wider than 512); an int k takes
-    every factor wider than 2k; None, and the default with EKFAC, invert every factor
-    exactly."""
+def test_kfac_default_keeps_factors_at_least_512_wide_at_rank_32():
+    """``"auto"`` (`defaults.KFAC_INPUT_FACTOR_RANK`, `KFAC_OUTPUT_FACTOR_RANK`): rank 32 for
+    the input and output factors at least 512 wide (A 512 and 513, G 512), exact for the
+    narrower ones (A 511, G 510 and 3); an int k takes every factor wider than 2k; None, and
+    the default with EKFAC, invert every factor exactly."""
     from natgrad.optimizers import defaults
 
-    apply, params = _dense_layers((513, 511, 3))
+    apply, params = _dense_layers((511, 512, 510, 3))
     loss = losses.softmax_cross_entropy()
 
     def inverses(**kwargs):
         state = natgrad.kfac(apply, loss, **kwargs).init(params).preconditioner_state
-        return [isinstance(a, low_rank.LowRankInverse) for a in state.inverses.a], state
+        low = lambda fs: [isinstance(f, low_rank.LowRankInverse) for f in fs]  # noqa: E731
+        return (low(state.inverses.a), low(state.inverses.g)), state
 
     kinds, state = inverses()
-    assert defaults.KFAC_INPUT_FACTOR_RANK == "auto" and kinds == [True, False]
-    assert state.inverses.a[0].q.shape == (514, 32)
-    assert state.factors.a[0].shape == (514, 65) and state.factors.a[1].shape == (512, 512)
-    assert inverses(input_factor_rank=8)[0] == [True, True]
-    assert inverses(input_factor_rank=None)[0] == [False, False]
-    assert inverses(eigenvalue_correction=True)[0] == [False, False]
-    with pytest.raises(ValueError, match="input_factor_rank.*'auto'"):
-        natgrad.kfac(apply, loss, input_factor_rank="automatic")
-    with pytest.raises(ValueError, match="input_factor_rank.*'auto'"):
-        natgrad.preconditioners.kfac(input_factor_rank="exact")
+    assert defaults.KFAC_INPUT_FACTOR_RANK == defaults.KFAC_OUTPUT_FACTOR_RANK == "auto"
+    assert kinds == ([True, True, False], [True, False, False])
+    assert state.inverses.a[0].q.shape == (512, 32) and state.inverses.g[0].q.shape == (512, 32)
+    assert [a.shape for a in state.factors.a] == [(512, 65), (513, 65), (511, 511)]
+    assert [g.shape for g in state.factors.g] == [(512, 65), (510, 510), (3, 3)]
+    assert kronecker.sketches(state) == ((64, 64), (64, 0), (0, 0))
+    assert inverses(input_factor_rank=8, output_factor_rank=1)[0] == ([True] * 3, [True] * 3)
+    assert inverses(input_factor_rank=None)[0] == ([False] * 3, [True, False, False])
+    assert inverses(output_factor_rank=None)[0] == ([True, True, False], [False] * 3)
+    assert inverses(eigenvalue_correction=True)[0] == ([False] * 3, [False] * 3)
+    for name in ("input_factor_rank", "output_factor_rank"):
+        with pytest.raises(ValueError, match=f"{name}.*'auto'"):
+            natgrad.kfac(apply, loss, **{name: "automatic"})
+        with pytest.raises(ValueError, match=f"{name}.*'auto'"):
+            natgrad.preconditioners.kfac(**{name: "exact"})

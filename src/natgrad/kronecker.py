@@ -79,11 +79,12 @@ PyTree = Any
 
 
 class Inverses(NamedTuple):
-    """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ per layer, λ the damping at the last refresh; an input
-    factor wider than 2k with `input_factor_rank` k holds a `natgrad.low_rank.LowRankInverse`."""
+    """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ per layer, λ the damping at the last refresh; a factor
+    kept at rank k (`input_factor_rank`, `output_factor_rank`) holds a
+    `natgrad.low_rank.LowRankInverse`."""
 
     a: tuple[jax.Array | low_rank.LowRankInverse, ...]
-    g: tuple[jax.Array, ...]
+    g: tuple[jax.Array | low_rank.LowRankInverse, ...]
 
 
 class KroneckerState(NamedTuple):
@@ -100,27 +101,33 @@ class KroneckerState(NamedTuple):
 
 
 def check_options(
-    ema_decay, inverse_every, statistics_every=1, input_factor_rank=None
+    ema_decay, inverse_every, statistics_every=1, input_factor_rank=None, output_factor_rank=None
 ) -> tuple[float, int, int]:
-    """K-FAC's options, validated (ValueError naming the argument); `input_factor_rank` may be
+    """K-FAC's options, validated (ValueError naming the argument); the factor ranks may be
     None or ``"auto"``."""
     bad_decay = isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float)
     if bad_decay or not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay: expected a number in [0, 1), got {ema_decay!r}")
     integers = [("inverse_every", inverse_every), ("statistics_every", statistics_every)]
-    if isinstance(input_factor_rank, str):
-        low_rank.resolve(input_factor_rank)  # "auto", or a ValueError naming the argument
-    elif input_factor_rank is not None:
-        integers.append(("input_factor_rank", input_factor_rank))
+    ranks = (("input_factor_rank", input_factor_rank), ("output_factor_rank", output_factor_rank))
+    for name, rank in ranks:
+        if isinstance(rank, str):
+            low_rank.resolve(rank, name)  # "auto", or a ValueError naming the argument
+        elif rank is not None:
+            integers.append((name, rank))
     for name, value in integers:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     return float(ema_decay), inverse_every, statistics_every
 
 
-def sketches(state: KroneckerState) -> tuple[int, ...]:
-    """Per layer, the columns ℓ of its input factor's sketch, or 0 where A is kept whole."""
-    return tuple(a.shape[1] - 1 if low_rank.is_sketch(a) else 0 for a in state.factors.a)
+def sketches(state: KroneckerState) -> tuple[tuple[int, int], ...]:
+    """Per layer, (ℓ_A, ℓ_G): the columns of its input and output factors' sketches, 0 for a
+    factor kept whole."""
+    width = lambda f: f.shape[1] - 1 if low_rank.is_sketch(f) else 0  # noqa: E731
+    return tuple(
+        (width(a), width(g)) for a, g in zip(state.factors.a, state.factors.g, strict=True)
+    )
 
 
 def _factor_shapes(slot) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -142,24 +149,32 @@ def init(
     params: PyTree,
     eigenvalue_correction: bool = False,
     input_factor_rank: int | str | None = None,
+    output_factor_rank: int | str | None = None,
 ) -> KroneckerState:
     """Zero factors and inverses for every layer-looking dict of `params` (and with
     `eigenvalue_correction` an identity eigenbasis and zero scalings, `natgrad.ekfac`; with
     `input_factor_rank` k, a rank-k-plus-identity inverse for each full input factor wider than
-    2k, with ``"auto"`` rank 32 for those wider than 512: `natgrad.low_rank.resolve`)."""
+    2k, with ``"auto"`` rank 32 for those at least 512 wide: `natgrad.low_rank.resolve`;
+    `output_factor_rank` the same for the output factors)."""
     nodes, _ = layers.flatten(params)
     slots = layers.find_layers(params)
-    a, g, a_inv = [], [], []
+    rules = (
+        low_rank.resolve(input_factor_rank, "input_factor_rank"),
+        low_rank.resolve(output_factor_rank, "output_factor_rank"),
+    )
+    a, g, a_inv, g_inv = [], [], [], []
     for s in slots:
         dtype = node_dtype(nodes[s.position])
-        shape_a, shape_g = _factor_shapes(s)
-        rule = low_rank.resolve(input_factor_rank)
-        wide = rule is not None and len(shape_a) == 2 and shape_a[0] > rule[1]
-        if wide:  # A kept as its sketch [A Ω | diag A] (`natgrad.low_rank`)
-            shape_a = (shape_a[0], low_rank.width(rule[0], shape_a[0]) + 1)
-        a.append(jnp.zeros(shape_a, dtype))
-        g.append(jnp.zeros(shape_g, dtype))
-        a_inv.append(low_rank.init(shape_a[0], rule[0], dtype) if wide else jnp.zeros_like(a[-1]))
+        for shape, rule, factors, inverses in zip(
+            _factor_shapes(s), rules, (a, g), (a_inv, g_inv), strict=True
+        ):
+            wide = rule is not None and len(shape) == 2 and shape[0] >= rule[1]
+            if wide:  # kept as its sketch [F Ω | diag F] (`natgrad.low_rank`)
+                shape = (shape[0], low_rank.width(rule[0], shape[0]) + 1)
+            factors.append(jnp.zeros(shape, dtype))
+            inverses.append(
+                low_rank.init(shape[0], rule[0], dtype) if wide else jnp.zeros_like(factors[-1])
+            )
     basis, scalings = None, ()
     if eigenvalue_correction:
         sizes = [(s.m + s.has_bias, s.n) if _has_eigenbasis(s) else (0, 0) for s in slots]
@@ -174,7 +189,7 @@ def init(
         zero(),
         zero(),
         factors,
-        Inverses(tuple(a_inv), tuple(jnp.zeros_like(x) for x in g)),
+        Inverses(tuple(a_inv), tuple(g_inv)),
         zero(),
         jnp.zeros((), jnp.float32),
         {kind: zero() for kind in blocks.KINDS},
@@ -312,6 +327,13 @@ def _left(a, v: jax.Array) -> jax.Array:
     return a[:, None] * v if a.ndim == 1 else a @ v
 
 
+def _right(v: jax.Array, g) -> jax.Array:
+    """V G for a symmetric G, given as a matrix or as a `low_rank.LowRankInverse`: (G Vᵀ)ᵀ."""
+    if isinstance(g, low_rank.LowRankInverse):
+        return low_rank.apply(g, v.T).T
+    return v @ g
+
+
 EIGH_MAX_WIDTH = 512  # exact factors up to this width are inverted by a batched eigh
 
 
@@ -379,14 +401,17 @@ def _invert(factors: Factors, damping, registered, previous: Inverses) -> Invers
     `_eigh_inverses`, wider ones by LU."""
     a_inv, g_inv = [], []
     small, floors, where = [], [], []  # the batched eigh's inputs and where their results go
-    for a, g, used, old in zip(factors.a, factors.g, registered, previous.a, strict=True):
+    keep = lambda old, f: old if isinstance(old, low_rank.LowRankInverse) else jnp.zeros_like(f)  # noqa: E731
+    for a, g, used, old_a, old_g in zip(
+        factors.a, factors.g, registered, previous.a, previous.g, strict=True
+    ):
         if not used or a.size == 0:
             # (a rank-k inverse keeps its basis: the next refresh starts from it)
-            a_inv.append(old if isinstance(old, low_rank.LowRankInverse) else jnp.zeros_like(a))
-            g_inv.append(jnp.zeros_like(g))
+            a_inv.append(keep(old_a, a))
+            g_inv.append(keep(old_g, g))
             continue
         da, dg = pi_damping(a, g, damping)
-        for m, d, out, low in ((a, da, a_inv, old), (g, dg, g_inv, None)):
+        for m, d, out, low in ((a, da, a_inv, old_a), (g, dg, g_inv, old_g)):
             if isinstance(low, low_rank.LowRankInverse):
                 out.append(low_rank.from_sketch(m, d, low.q.shape[1]))
                 continue
@@ -447,7 +472,7 @@ def apply_inverse(state: KroneckerState, damping, registered, vec: PyTree) -> Py
             return ekfac.apply_inverse(
                 v, basis.q_a[slot], basis.q_g[slot], state.factors.s[slot], damping
             )
-        return _left(inv.a[slot], v.astype(inv.g[slot].dtype)) @ inv.g[slot]
+        return _right(_left(inv.a[slot], v.astype(state.factors.g[slot].dtype)), inv.g[slot])
 
     return _blockwise(
         vec, state.factors.diag, damping, registered, kron, lambda r, d: r / d.astype(r.dtype)
@@ -456,8 +481,8 @@ def apply_inverse(state: KroneckerState, damping, registered, vec: PyTree) -> Py
 
 def damped_product(state: KroneckerState, damping, registered, vec: PyTree) -> PyTree:
     """(K-FAC + damping) vec: (A + π√λ I) V (G + √λ/π I) per registered layer, (d + λ) r
-    elsewhere; the current averages, not the (possibly older) inverses — except for an input
-    factor kept as a sketch, whose damped low-rank form is the last refresh's."""
+    elsewhere; the current averages, not the (possibly older) inverses — except for a factor
+    kept as a sketch, whose damped low-rank form is the last refresh's."""
     f, basis = state.factors, state.eigenbasis
 
     def kron(slot, v):
@@ -470,6 +495,8 @@ def damped_product(state: KroneckerState, damping, registered, vec: PyTree) -> P
             av = low_rank.forward(state.inverses.a[slot], v)
         else:
             av = _left(a, v) + da * v
+        if low_rank.is_sketch(g):  # and G's
+            return low_rank.forward(state.inverses.g[slot], av.T).T
         return av @ g + dg * av
 
     return _blockwise(vec, f.diag, damping, registered, kron, lambda r, d: r * d.astype(r.dtype))

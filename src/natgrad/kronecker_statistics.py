@@ -75,15 +75,16 @@ def statistics(
     curvature: str | Curvature = "fisher_mc",
     weight_sharing: str = "expand",
     eigenbasis: ekfac.Eigenbasis | None = None,
-    sketches: tuple[int, ...] = (),
+    sketches: tuple = (),
 ) -> tuple[Factors, tuple[bool, ...], jax.Array]:
     """This batch's factors, which layer-looking dicts the model registered, and its outputs.
 
     `registered` is static (known at trace time): slot l is True when the model passed that
     dict to its `natgrad.layers` function. `weight_sharing` is "expand" or "reduce"
     (`natgrad.blocks.sharing`). With an `eigenbasis` (EKFAC) the factors also carry this
-    batch's scalings s = (1/B) Σ_b (Q_Aᵀ ∇W̄_b Q_G)² in it. `sketches` (per layer, 0 or ℓ): the
-    layers whose A is kept as its sketch [A Ω | diag A] with ℓ columns (`natgrad.low_rank`).
+    batch's scalings s = (1/B) Σ_b (Q_Aᵀ ∇W̄_b Q_G)² in it. `sketches` (per layer, (ℓ_A, ℓ_G)
+    as `natgrad.kronecker.sketches` gives them, or ℓ_A alone): the factors kept as their
+    sketches [F Ω | diag F] with ℓ columns, 0 for a whole factor (`natgrad.low_rank`).
     """
     curvature = resolve(curvature)
     if key is None and curvature.name != "empirical_fisher":
@@ -94,7 +95,9 @@ def statistics(
     bases = None
     if eigenbasis is not None:
         bases = [(qa, qg) if qa.size else () for qa, qg in zip(*eigenbasis[:2], strict=True)]
-    sketches = tuple(sketches) or (0,) * len(slots)
+    sketches = tuple(s if isinstance(s, tuple) else (s, 0) for s in sketches) or ((0, 0),) * len(
+        slots
+    )
     tags = tuple(
         _tags(s, nodes[s.position], bases is not None and bool(bases[i]), sketches[i])
         for i, s in enumerate(slots)
@@ -174,16 +177,17 @@ def statistics(
     return Factors(tuple(a), tuple(g), diag, tuple(scalings)), registered, outputs
 
 
-def _tags(slot, node, scalings: bool, sketch: int = 0) -> tuple[jax.Array, ...]:
-    """Zero tags of one layer: its kind's own (`tag_shapes`), or A's (m+1)² (with a sketch of
-    ℓ columns, (m+1) × (ℓ+1)) and G's n², plus EKFAC's scalings tag (Q_A's size, n) when
-    `scalings`."""
+def _tags(slot, node, scalings: bool, sketch=(0, 0)) -> tuple[jax.Array, ...]:
+    """Zero tags of one layer: its kind's own (`tag_shapes`), or A's (m+1)² and G's n² (with
+    sketches of (ℓ_A, ℓ_G) columns, (m+1) × (ℓ_A+1) and n × (ℓ_G+1)), plus EKFAC's scalings
+    tag (Q_A's size, n) when `scalings`."""
     dtype = node_dtype(node)
     kind = blocks.module(slot.kind)
     if hasattr(kind, "tag_shapes"):
         return tuple(jnp.zeros(shape, dtype) for shape in kind.tag_shapes(node))
-    a_cols = sketch + 1 if sketch else slot.m + 1
-    tags = (jnp.zeros((slot.m + 1, a_cols), dtype), jnp.zeros((slot.n, slot.n), dtype))
+    a_cols = sketch[0] + 1 if sketch[0] else slot.m + 1
+    g_cols = sketch[1] + 1 if sketch[1] else slot.n
+    tags = (jnp.zeros((slot.m + 1, a_cols), dtype), jnp.zeros((slot.n, g_cols), dtype))
     return (*tags, jnp.zeros((slot.m + slot.has_bias, slot.n), dtype)) if scalings else tags
 
 

@@ -1,9 +1,11 @@
 r"""A rank-k-plus-identity inverse of a large damped Kronecker factor, from a sketch.
 
-`input_factor_rank=k` applies it to every input factor wider than 2k; ``"auto"`` (the default
-of `natgrad.kfac`) to those wider than `AUTO_MIN_WIDTH` = 512 with k = `AUTO_RANK` = 32, where
-the exact application costs at least 8× the low-rank one and a narrower factor stays exact.
-The preconditioner `natgrad.preconditioners.kfac` inverts exactly unless asked.
+`input_factor_rank=k` applies it to every input factor A wider than 2k, `output_factor_rank=k`
+to every output factor G wider than 2k; ``"auto"`` (the default of `natgrad.kfac` for both) to
+those at least `AUTO_MIN_WIDTH` = 512 wide with k = `AUTO_RANK` = 32, where the exact
+application costs at least 8× the low-rank one and a narrower factor stays exact. The
+preconditioner `natgrad.preconditioners.kfac` inverts exactly unless asked. Everything below
+is written for A; G is the same with g for ā (its sketch [G Ω | diag G], from Σ g (gᵀΩ)).
 
 K-FAC's step applies M⁻¹ = (A + dI)⁻¹ to the gradient of every layer. For a wide input (785
 pixels and a bias for an MNIST MLP) that product, n² per output column, costs more than the
@@ -56,18 +58,18 @@ AUTO_MIN_WIDTH = 512  # n ≥ 16k: the exact n² per column ≥ 8× the low-rank
 OVERSAMPLING = 2  # the sketch has ℓ = 2k columns (`width`)
 
 
-def resolve(input_factor_rank) -> tuple[int, int] | None:
-    """(k, the width an input factor must exceed) for `input_factor_rank` — an int k: (k, 2k);
-    ``"auto"``: (`AUTO_RANK`, `AUTO_MIN_WIDTH`); None: no low-rank inverse. Any other string
-    raises ValueError (ints are checked by `natgrad.kronecker.check_options`)."""
-    if input_factor_rank is None:
+def resolve(rank, name: str = "input_factor_rank") -> tuple[int, int] | None:
+    """(k, the least width of a factor kept at rank k) for a factor rank option `name` — an int
+    k: (k, 2k + 1); ``"auto"``: (`AUTO_RANK`, `AUTO_MIN_WIDTH`); None: no low-rank inverse. Any
+    other string raises ValueError naming `name` (ints are checked by
+    `natgrad.kronecker.check_options`)."""
+    if rank is None:
         return None
-    if isinstance(input_factor_rank, str):
-        if input_factor_rank != "auto":
-            expected = "an integer >= 1, None or 'auto'"
-            raise ValueError(f"input_factor_rank: expected {expected}, got {input_factor_rank!r}")
+    if isinstance(rank, str):
+        if rank != "auto":
+            raise ValueError(f"{name}: expected an integer >= 1, None or 'auto', got {rank!r}")
         return AUTO_RANK, AUTO_MIN_WIDTH
-    return input_factor_rank, 2 * input_factor_rank
+    return rank, 2 * rank + 1
 
 
 class LowRankInverse(NamedTuple):

@@ -318,6 +318,7 @@ def kfac(
     weight_sharing: str = "expand",
     eigenvalue_correction: bool = False,
     input_factor_rank: int | str | None = None,
+    output_factor_rank: int | str | None = None,
 ) -> Preconditioner:
     """K-FAC's block-diagonal approximation of C + λI, inverted (see `natgrad.kronecker`).
 
@@ -361,8 +362,10 @@ def kfac(
     (Ω a fixed n × 2k Gaussian matrix), whose statistics cost 2·2k/n of Σ ā āᵀ's, and a
     refresh takes the eigenpairs from it by the Nyström approximation. Not with
     `eigenvalue_correction`.
-    ``input_factor_rank="auto"`` (`natgrad.kfac`'s default) is rank 32 for input factors wider
-    than 512 only (`natgrad.low_rank.resolve`), and exact with `eigenvalue_correction`.
+    ``input_factor_rank="auto"`` (`natgrad.kfac`'s default) is rank 32 for input factors at
+    least 512 wide only (`natgrad.low_rank.resolve`), and exact with `eigenvalue_correction`.
+    `output_factor_rank` is the same for the output factors G (kept as [G Ω | diag G]): a
+    512-unit hidden layer's G at rank 32 costs 1/8 of the exact G⁻¹'s n² per row of V.
     """
     kind = kfac_curvature(curvature, fisher_type)
     weight_sharing = sharing.check(weight_sharing)
@@ -371,15 +374,17 @@ def kfac(
             f"eigenvalue_correction: expected True or False, got {eigenvalue_correction!r}"
         )
     ema_decay, inverse_every, statistics_every = kronecker.check_options(
-        ema_decay, inverse_every, statistics_every, input_factor_rank
+        ema_decay, inverse_every, statistics_every, input_factor_rank, output_factor_rank
     )
-    if input_factor_rank == "auto" and eigenvalue_correction:
-        input_factor_rank = None
-    if input_factor_rank is not None and eigenvalue_correction:
-        raise ValueError(
-            "input_factor_rank: not with eigenvalue_correction=True (EKFAC keeps the full "
-            "eigenbasis of every factor)"
-        )
+    if eigenvalue_correction:
+        ranks = {"input_factor_rank": input_factor_rank, "output_factor_rank": output_factor_rank}
+        for name, rank in ranks.items():
+            if rank is not None and rank != "auto":
+                raise ValueError(
+                    f"{name}: not with eigenvalue_correction=True (EKFAC keeps the full "
+                    "eigenbasis of every factor)"
+                )
+        input_factor_rank = output_factor_rank = None
 
     def statistics(state, params, batch, apply_fn, loss, key):
         return kronecker.statistics(
@@ -443,6 +448,7 @@ def kfac(
             params,
             eigenvalue_correction=eigenvalue_correction,
             input_factor_rank=input_factor_rank,
+            output_factor_rank=output_factor_rank,
         )
 
     return Preconditioner(

@@ -47,17 +47,25 @@ def check(weight_sharing) -> str:
     return weight_sharing
 
 
-def factor_sums(a: jax.Array, g: jax.Array, weight_sharing: str, dtype, omega=None) -> tuple:
+def factor_sums(
+    a: jax.Array, g: jax.Array, weight_sharing: str, dtype, omega=None, omega_g=None
+) -> tuple:
     """(Σ ā āᵀ, Σ g gᵀ) of positions a (B, S, m) and g (B, S, n), as in the module docstring;
     with a test matrix `omega` ((m+1) × ℓ) A's sum as its sketch instead: [Σ ā (āᵀΩ) | Σ ā²],
-    (m+1) × (ℓ+1), 2(m+1)ℓ flops a row where Σ ā āᵀ costs (m+1)² (`natgrad.low_rank`)."""
+    (m+1) × (ℓ+1), 2(m+1)ℓ flops a row where Σ ā āᵀ costs (m+1)² (`natgrad.low_rank`); with
+    `omega_g` (n × ℓ) G's likewise, [Σ g (gᵀΩ) | Σ g²]."""
     a, g = a.astype(dtype), g.astype(dtype)
     if weight_sharing == "reduce":
         a, g = jnp.mean(a, axis=1), jnp.sum(g, axis=1)
     else:
         a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
     a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), dtype)], axis=1)
-    if omega is not None:
-        sketch = a.T @ (a @ omega.astype(dtype))
-        return jnp.concatenate([sketch, jnp.sum(a * a, axis=0)[:, None]], axis=1), g.T @ g
-    return a.T @ a, g.T @ g
+    return _sum(a, omega, dtype), _sum(g, omega_g, dtype)
+
+
+def _sum(x: jax.Array, omega, dtype) -> jax.Array:
+    """Σ x xᵀ over the rows x of `x`, or its sketch [Σ x (xᵀΩ) | Σ x²] with a test matrix."""
+    if omega is None:
+        return x.T @ x
+    sketch = x.T @ (x @ omega.astype(dtype))
+    return jnp.concatenate([sketch, jnp.sum(x * x, axis=0)[:, None]], axis=1)

@@ -4,7 +4,8 @@ r"""One custom VJP per declared layer call: the layer, plus K-FAC's factor sums 
     backward:  (∂W̄, ∂x) = the layer's own VJP of the output cotangent ct, and for the tags
                (A-tag, G-tag, …) the cotangents (Σ ā āᵀ, Σ g gᵀ, 0, …) of
                `natgrad.blocks.sharing.factor_sums` over the kind's positions of (x, ct);
-               an A-tag that is not square asks for A's sketch instead (`natgrad.low_rank`).
+               an A- or G-tag that is not square asks for that factor's sketch instead
+               (`natgrad.low_rank`).
 
 The tags are zero arrays the caller differentiates with respect to: one VJP of the whole
 instrumented model returns every declared layer's factor sums next to the ordinary parameter
@@ -57,12 +58,15 @@ def tapped(spec: Spec):
             sums = kind.tag_sums(layer, x, ct, dtype)
         else:
             a, g = kind.positions(layer, x, ct, spec.options)
-            # An A-tag of (m+1) × (ℓ+1) asks for A's sketch (`natgrad.low_rank`).
-            omega = None
+            # An A-tag of (m+1) × (ℓ+1) asks for A's sketch, a G-tag of n × (ℓ+1) for G's
+            # (`natgrad.low_rank`).
+            omega = omega_g = None
             if low_rank.is_sketch(tags[0]):
                 rows, cols = tags[0].shape
                 omega = low_rank.padded_sketch(rows, cols - 1, "b" in layer)
-            sums = sharing.factor_sums(a, g, spec.weight_sharing, dtype, omega)
+            if low_rank.is_sketch(tags[1]):
+                omega_g = low_rank.sketch_matrix(tags[1].shape[0], tags[1].shape[1] - 1)
+            sums = sharing.factor_sums(a, g, spec.weight_sharing, dtype, omega, omega_g)
             if basis:
                 sums = (*sums, ekfac.scaling_sums(a, g, *basis, has_bias="b" in layer))
         sums = (*sums, *(jnp.zeros_like(t) for t in tags[len(sums) :]))

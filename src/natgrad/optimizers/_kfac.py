@@ -68,6 +68,7 @@ def kfac(
     weight_sharing: str = "expand",
     eigenvalue_correction: bool = False,
     input_factor_rank: int | str | None = defaults.KFAC_INPUT_FACTOR_RANK,
+    output_factor_rank: int | str | None = defaults.KFAC_OUTPUT_FACTOR_RANK,
     curvature_batch: int | None = defaults.KFAC_CURVATURE_BATCH,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: updates = −α F̂⁻¹ g, F̂ Kronecker-factored per dense layer, α from a KL trust region.
@@ -107,7 +108,9 @@ def kfac(
       input_factor_rank: k: invert each input factor wider than 2k as rank k plus a scaled
         identity (`natgrad.low_rank`), a cheaper application for wide inputs (785 pixels:
         12× fewer flops at k = 32); None inverts exactly; ``"auto"`` (default) is rank 32
-        for input factors wider than 512 only, and exact with `eigenvalue_correction`.
+        for input factors at least 512 wide only, and exact with `eigenvalue_correction`.
+      output_factor_rank: the same for the output factors G (a 512-unit hidden layer's:
+        8× fewer flops at k = 32); ``"auto"`` (default) as for `input_factor_rank`.
       curvature_batch: the statistics pass on at most this many examples, every ⌈B/n⌉-th of
         the batch's B (None: all of it); the gradient is the caller's, on the whole batch.
         Default `defaults.KFAC_CURVATURE_BATCH`, 512: the factors average ~20 passes, so a
@@ -140,6 +143,7 @@ def kfac(
             weight_sharing=weight_sharing,
             eigenvalue_correction=eigenvalue_correction,
             input_factor_rank=input_factor_rank,
+            output_factor_rank=output_factor_rank,
         )
     if not isinstance(damping, DampingRule):
         # λ = 0 would leave singular factors (e.g. constant input pixels) uninvertible.
