@@ -2,10 +2,10 @@
 
 1. Step time (MLP 784-128-10 at batch 128, and 784-512-512-10 at batch 1024): the whole jitted
    training step (`value_and_grad` + `update` + `apply_updates`) of `natgrad.kfac` with its
-   defaults (statistics every 5 steps, inverses every 50, input factors wider than 512 inverted
-   as rank 32 plus identity), with the old schedule (statistics every step, inverses every 5),
+   defaults (statistics every 5 steps, inverses every 50, input and output factors at least 512
+   wide inverted as rank 32 plus identity), with the old schedule (statistics every step, inverses every 5),
    with the guard's trial loss (`reject_rises=True`), and with exact inverses of every factor
-   (`input_factor_rank=None`, the default before), over
+   (`input_factor_rank=None, output_factor_rank=None`, the default before), over
    `optax.sgd`'s, each jitted with its parameters and state donated as a training loop runs it
    (K-FAC's factors and inverses are then updated in place rather than copied every step; the
    row ``kfac_not_donated`` is the default K-FAC jitted without donation, ÷ the donated SGD
@@ -105,7 +105,7 @@ def bench_steps(sizes, batch_size, rounds: int, period: int) -> dict:
 
 def bench_phases(sizes, batch_size, repeats: int) -> dict:
     """Each phase of a K-FAC step ÷ an SGD step, and their amortised sum: with the default
-    rank-32 input-factor inverses and with exact ones (the statistics are the same pass)."""
+    rank-32 inverses of the wide factors and with exact ones (the statistics are the same pass)."""
     params, apply_fn, data, loss = setup(sizes, batch_size)
     key = jax.random.PRNGKey(2)
     sgd = optax.sgd(0.1)
@@ -244,7 +244,7 @@ def _show(payload: dict):
         parts = ", ".join(f"{k} {v:.2f}" for k, v in block["phase_over_sgd"].items())
         yield f"  phases ÷ sgd, MLP {block['model']}: {parts}"
         sums = ", ".join(f"{k} {v:.2f}" for k, v in block["amortised_sum_over_sgd"].items())
-        yield f"    amortised sum (input-factor inverses): {sums}"
+        yield f"    amortised sum (rank-32 wide factors vs exact): {sums}"
     for block in payload["cg"]:
         yield f"  CG to tol {block['tol']:g} at damping {block['damping']:g}:"
         for name, row in block["preconditioners"].items():

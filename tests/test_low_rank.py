@@ -222,9 +222,17 @@ def test_kfac_keeps_the_sketch_of_the_exact_output_factor_and_inverts_it_blockwi
         np.testing.assert_allclose(b, want, rtol=1e-7, atol=1e-10)
 
 
-def test_kfac_with_a_low_rank_input_factor_trains():
-    params, x, y, loss = _problem()
-    opt = natgrad.kfac(_mlp, loss, input_factor_rank=4, statistics_every=1, inverse_every=2)
+@pytest.mark.parametrize("problem, output_rank", [(_problem, None), (_wide_problem, 3)])
+def test_kfac_with_low_rank_factors_trains(problem, output_rank):
+    params, x, y, loss = problem()
+    opt = natgrad.kfac(
+        _mlp,
+        loss,
+        input_factor_rank=4,
+        output_factor_rank=output_rank,
+        statistics_every=1,
+        inverse_every=2,
+    )
     state = opt.init(params)
     value = lambda p: loss.mean(_mlp(p, x), y)  # noqa: E731
 
@@ -239,17 +247,17 @@ def test_kfac_with_a_low_rank_input_factor_trains():
     assert int(state.rejected_steps) == 0 and float(value(params)) < 0.7 * float(start)
 
 
+@pytest.mark.parametrize("name", ["input_factor_rank", "output_factor_rank"])
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "32"])
-def test_input_factor_rank_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match="input_factor_rank"):
-        natgrad.kfac(_mlp, losses.softmax_cross_entropy(), input_factor_rank=bad)
+def test_factor_ranks_reject_bad_values(name, bad):
+    with pytest.raises(ValueError, match=name):
+        natgrad.kfac(_mlp, losses.softmax_cross_entropy(), **{name: bad})
 
 
-def test_input_factor_rank_is_not_for_ekfac():
-    with pytest.raises(ValueError, match="input_factor_rank.*eigenvalue_correction"):
-        natgrad.kfac(
-            _mlp, losses.softmax_cross_entropy(), input_factor_rank=8, eigenvalue_correction=True
-        )
+@pytest.mark.parametrize("name", ["input_factor_rank", "output_factor_rank"])
+def test_factor_ranks_are_not_for_ekfac(name):
+    with pytest.raises(ValueError, match=f"{name}.*eigenvalue_correction"):
+        natgrad.kfac(_mlp, losses.softmax_cross_entropy(), eigenvalue_correction=True, **{name: 8})
 
 
 def _dense_layers(sizes):
