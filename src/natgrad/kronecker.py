@@ -401,14 +401,13 @@ def _invert(factors: Factors, damping, registered, previous: Inverses) -> Invers
     `_eigh_inverses`, wider ones by LU."""
     a_inv, g_inv = [], []
     small, floors, where = [], [], []  # the batched eigh's inputs and where their results go
-    keep = lambda old, f: old if isinstance(old, low_rank.LowRankInverse) else jnp.zeros_like(f)  # noqa: E731
     for a, g, used, old_a, old_g in zip(
         factors.a, factors.g, registered, previous.a, previous.g, strict=True
     ):
         if not used or a.size == 0:
             # (a rank-k inverse keeps its basis: the next refresh starts from it)
-            a_inv.append(keep(old_a, a))
-            g_inv.append(keep(old_g, g))
+            a_inv.append(_kept(old_a, a))
+            g_inv.append(_kept(old_g, g))
             continue
         da, dg = pi_damping(a, g, damping)
         for m, d, out, low in ((a, da, a_inv, old_a), (g, dg, g_inv, old_g)):
@@ -428,6 +427,11 @@ def _invert(factors: Factors, damping, registered, previous: Inverses) -> Invers
     for (out, i), inv in zip(where, _eigh_inverses(small, floors), strict=True):
         out[i] = inv
     return Inverses(tuple(a_inv), tuple(g_inv))
+
+
+def _kept(old, factor: jax.Array):
+    """An unused layer's inverse: a rank-k one keeps its basis, an exact one is zeros."""
+    return old if isinstance(old, low_rank.LowRankInverse) else jnp.zeros_like(factor)
 
 
 def _blockwise(vec, diag, damping, registered, kron: Callable, scale: Callable) -> PyTree:

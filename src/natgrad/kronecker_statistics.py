@@ -95,9 +95,8 @@ def statistics(
     bases = None
     if eigenbasis is not None:
         bases = [(qa, qg) if qa.size else () for qa, qg in zip(*eigenbasis[:2], strict=True)]
-    sketches = tuple(s if isinstance(s, tuple) else (s, 0) for s in sketches) or ((0, 0),) * len(
-        slots
-    )
+    sketches = tuple(s if isinstance(s, tuple) else (s, 0) for s in sketches)
+    sketches = sketches or ((0, 0),) * len(slots)
     tags = tuple(
         _tags(s, nodes[s.position], bases is not None and bool(bases[i]), sketches[i])
         for i, s in enumerate(slots)
