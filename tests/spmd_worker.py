@@ -104,6 +104,11 @@ def optimizers():
     )
     opts["hessian-free"] = (natgrad.hessian_free(apply, LOSS), "mlp")
     opts["kfac"] = (natgrad.kfac(apply, LOSS), "mlp")
+    # Rank-3 inverses from sketches of the 21-wide input and the 16-wide output factor.
+    opts["kfac-low-rank"] = (
+        natgrad.kfac(apply, LOSS, input_factor_rank=3, output_factor_rank=3),
+        "mlp",
+    )
     # K-FAC's other blocks: a convolution (KFC), and a dense layer over a sequence axis reduced
     # (expand is what the conv row computes for its shared pixels).
     opts["kfac-conv2d"] = (natgrad.kfac(cnn_apply, LOSS), "cnn")

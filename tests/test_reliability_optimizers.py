@@ -308,7 +308,9 @@ def test_kfac_warns_when_no_layer_is_declared():
         ),
         lambda: natgrad.hessian_free(relu_mlp, CE),
         lambda: natgrad.kfac(relu_mlp, CE, statistics_every=1, inverse_every=2),
-        lambda: natgrad.kfac(relu_mlp, CE, inverse_every=2, input_factor_rank=2),
+        lambda: natgrad.kfac(
+            relu_mlp, CE, inverse_every=2, input_factor_rank=2, output_factor_rank=2
+        ),
         lambda: natgrad.kfac(relu_mlp, CE, eigenvalue_correction=True),
     ],
     ids=[
@@ -324,7 +326,8 @@ def test_the_state_can_be_donated_to_a_jitted_step(make):
     """A training loop donates params and state (`jax.jit(..., donate_argnums=(0, 1))`) so that
     XLA updates K-FAC's factors in place. Before, `init` put one zero array in several fields
     (and K-FAC's inverses shared their factors' arrays): XLA refused with "Attempt to donate
-    the same buffer twice". (`kfac_low_rank`: the 9-wide input factor gets a rank-2 inverse.)"""
+    the same buffer twice". (`kfac_low_rank`: the 9-wide input factor and the 16-wide output
+    factor get rank-2 inverses.)"""
     params = init()
     x, y = data()
     opt = make()
