@@ -180,8 +180,8 @@ def test_kfac_keeps_the_sketch_of_the_exact_output_factor_and_inverts_it_blockwi
     (ℓ = 6), equal to that of the exact G an exact run averages from the same statistics (the
     3-wide G of the last layer stays exact); (F̂ + λ)⁻¹ g is, per layer, A⁻¹ [dW; db] G⁻¹ with
     G⁻¹ the dense Nyström oracle of the exact G (and A⁻¹ A's, for both layers' A with
-    input_factor_rank=4); and
-    the damped product F̂ + λ, built from the same low-rank factors, undoes it."""
+    input_factor_rank=4); and the damped product F̂ + λ, built from the same low-rank factors,
+    undoes it."""
     params, x, y, loss = _wide_problem()
     make = natgrad.preconditioners.kfac
     pre = make(
