@@ -306,3 +306,33 @@ def test_kfac_default_keeps_factors_at_least_512_wide_at_rank_32():
             natgrad.kfac(apply, loss, **{name: "automatic"})
         with pytest.raises(ValueError, match=f"{name}.*'auto'"):
             natgrad.preconditioners.kfac(**{name: "exact"})
+
+
+def test_a_wide_embedding_keeps_its_output_factor_whole():
+    """An embedding fills its own statistics (token counts and Σ g gᵀ, `natgrad.blocks`), so
+    "auto" leaves its 512-wide G whole while the dense head's 513-wide A is sketched; K-FAC's
+    updates run and are finite."""
+
+    def apply(params, ids):
+        h = natgrad.layers.embedding(params["embed"], ids)
+        return natgrad.layers.dense(params["head"], jnp.mean(h, axis=1))
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
+    params = {
+        "embed": {"embedding": 0.1 * jax.random.normal(k1, (50, 512))},
+        "head": {"w": 0.05 * jax.random.normal(k2, (512, 5)), "b": jnp.zeros(5)},
+    }
+    ids = jax.random.randint(k3, (16, 4), 0, 50)
+    y = jax.random.randint(k3, (16,), 0, 5)
+    loss = losses.softmax_cross_entropy()
+    opt = natgrad.kfac(apply, loss, statistics_every=1, inverse_every=1)
+    state = opt.init(params)
+    pre = state.preconditioner_state
+    assert sorted(f.shape for f in pre.factors.g) == [(5, 5), (512, 512)]
+    assert sorted(a.shape for a in pre.factors.a) == [(50,), (513, 65)]
+    grads = jax.grad(lambda p: loss.mean(apply(p, ids), y))(params)
+    update = jax.jit(lambda g, s, k: opt.update(g, s, params, batch=(ids, y), key=k))
+    for i in range(3):
+        updates, state = update(grads, state, jax.random.PRNGKey(i))
+    assert int(state.rejected_steps) == 0
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

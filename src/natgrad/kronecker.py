@@ -155,7 +155,7 @@ def init(
     `eigenvalue_correction` an identity eigenbasis and zero scalings, `natgrad.ekfac`; with
     `input_factor_rank` k, a rank-k-plus-identity inverse for each full input factor wider than
     2k, with ``"auto"`` rank 32 for those at least 512 wide: `natgrad.low_rank.resolve`;
-    `output_factor_rank` the same for the output factors)."""
+    `output_factor_rank` the same for the output factors; an embedding's factors stay whole)."""
     nodes, _ = layers.flatten(params)
     slots = layers.find_layers(params)
     rules = (
@@ -165,10 +165,12 @@ def init(
     a, g, a_inv, g_inv = [], [], [], []
     for s in slots:
         dtype = node_dtype(nodes[s.position])
+        # Kinds with their own statistics (embeddings: `tag_sums`) keep whole factors.
+        tapped = not hasattr(blocks.module(s.kind), "tag_sums")
         for shape, rule, factors, inverses in zip(
             _factor_shapes(s), rules, (a, g), (a_inv, g_inv), strict=True
         ):
-            wide = rule is not None and len(shape) == 2 and shape[0] >= rule[1]
+            wide = tapped and rule is not None and len(shape) == 2 and shape[0] >= rule[1]
             if wide:  # kept as its sketch [F Ω | diag F] (`natgrad.low_rank`)
                 shape = (shape[0], low_rank.width(rule[0], shape[0]) + 1)
             factors.append(jnp.zeros(shape, dtype))

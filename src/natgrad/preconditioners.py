@@ -365,7 +365,8 @@ def kfac(
     ``input_factor_rank="auto"`` (`natgrad.kfac`'s default) is rank 32 for input factors at
     least 512 wide only (`natgrad.low_rank.resolve`), and exact with `eigenvalue_correction`.
     `output_factor_rank` is the same for the output factors G (kept as [G Ω | diag G]): a
-    512-unit hidden layer's G at rank 32 costs 1/8 of the exact G⁻¹'s n² per row of V.
+    512-unit hidden layer's G at rank 32 costs 1/8 of the exact G⁻¹'s n² per row of V. An
+    embedding's factors stay whole (it fills its own statistics).
     """
     kind = kfac_curvature(curvature, fisher_type)
     weight_sharing = sharing.check(weight_sharing)
