@@ -261,11 +261,12 @@ def steps_section(p: dict) -> list[str]:
     lines = []
     for m in p["models"]:
         rows = [
-            [n, r["step_over_sgd"], r["step_over_grad"], r.get("cg_iterations")]
-            + [r.get("budget_2_plus_1.2k"), r.get("within_budget")]
+            [n, r["step_over_sgd"], r.get("target_over_sgd"), r.get("met"), r["step_over_grad"]]
+            + [r.get("cg_iterations"), r.get("budget_2_plus_1.2k"), r.get("within_budget")]
             for n, r in m["optimizers"].items()
         ]
-        header = ["optimizer", "step / SGD's", "step / grad", "CG iters", "budget 2+1.2k"]
+        header = ["optimizer", "step / SGD's", "target", "met", "step / grad", "CG iters"]
+        header += ["budget 2+1.2k"]
         lines += [f"MLP {fmt(m['model'])}, batch {m['batch_size']}:", ""]
         lines += table(header + ["within"], rows)
     return lines

@@ -51,7 +51,12 @@ def learning_rate(value):
     return number("learning_rate", value)
 
 
-def momentum(value) -> float:
+def momentum(value) -> float | str:
+    """μ in [0, 1), or ``"adaptive"`` (`_quadratic`)."""
+    if isinstance(value, str):
+        if value == "adaptive":
+            return value
+        raise ValueError(f"momentum: expected a number in [0, 1) or 'adaptive', got {value!r}")
     return number("momentum", value, high=1.0, allow_low=True)
 
 

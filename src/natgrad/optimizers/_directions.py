@@ -39,7 +39,7 @@ class DirectionInputs(NamedTuple):
     op: operators.Operator | None  # C on this batch, or None when the direction needs none
     damping: jax.Array
     approx: operators.Operator | None  # the preconditioner's M ≈ C + λI, or None
-    x0: PyTree  # warm start
+    x0: PyTree | None  # warm start (None: from zeros)
     trial: Callable[[PyTree, jax.Array], jax.Array]  # (d, α) ↦ f(θ − α d)
     problem: Any = None  # (curvature, apply_fn, loss, params, batch, key) for dense solves
 

@@ -64,7 +64,8 @@ def hessian_free(
       damping: a `natgrad.damping` rule or a fixed λ; default `defaults.HESSIAN_FREE_DAMPING`,
         Levenberg-Marquardt from 1.0 with floor 0.5 (see `defaults.HESSIAN_FREE_MIN_DAMPING`).
       momentum: μ of heavy-ball momentum on the direction (0 disables; Martens used none, the
-        CG warm start plays its part).
+        CG warm start plays its part); ``"adaptive"``: μ from the damped quadratic model over
+        span{d, s_prev} (as in `natural_gradient`).
       preconditioner: ``"martens"`` (default, `martens_diagonal()`), None, or a `Preconditioner`.
       curvature: ``"ggn"`` (Martens' choice); any `natgrad.curvature` name or object works.
       step_rule: ``"line_search"`` (default, with `armijo_c`, `armijo_shrink`, `max_linesearch`)

@@ -79,7 +79,11 @@ def kfac(
       loss: a `natgrad.losses` loss.
       learning_rate: the cap on α (a float or an optax schedule).
       damping: λ > 0 (fixed) or a `natgrad.damping` rule.
-      momentum: μ of heavy-ball momentum on the direction (0 disables).
+      momentum: μ of heavy-ball momentum on the direction (0 disables);
+        ``"adaptive"``: μ, with α under ``step_rule="quadratic"``, minimising the damped
+        quadratic model over span{d, s_prev} with exact curvature products (kfac-jax's
+        adaptive learning rate and momentum; one product more a step, two for K-FAC
+        with a GGN linearization).
       preconditioner: the factored approximation M whose inverse gives the direction; default
         ``natgrad.preconditioners.kfac(curvature=curvature, ema_decay=..., inverse_every=...)``.
       curvature: ``"fisher_mc"`` (true Fisher, targets drawn from the model), ``"fisher"``

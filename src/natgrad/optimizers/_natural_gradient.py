@@ -67,7 +67,10 @@ def natural_gradient(
         `defaults.NATURAL_GRADIENT_DAMPING`, Levenberg-Marquardt from 1e-2 with floor 1e-2
         (with ``solver="dense"``: `defaults.DENSE_DAMPING`, 1e-10 fixed, for small models
         fitted to high accuracy such as PINNs).
-      momentum: μ of heavy-ball momentum on the direction (0 disables).
+      momentum: μ of heavy-ball momentum on the direction (0 disables);
+        ``"adaptive"``: μ, with α under ``step_rule="quadratic"``, minimising the damped
+        quadratic model over span{d, s_prev} with exact curvature products (kfac-jax's
+        adaptive learning rate and momentum; one product more a step).
       preconditioner: a `natgrad.preconditioners.Preconditioner` for CG, or None.
       curvature: ``"fisher" | "fisher_mc" | "empirical_fisher" | "ggn" | "hessian"`` or a
         `natgrad.curvature.Curvature`.

@@ -11,7 +11,8 @@ clipping), one step is
    preconditioner  M ≈ C + λI from its own statistics (`natgrad.preconditioners`), if any;
 2. direction   d ≈ (C + λI)⁻¹ g (`_directions`: CG, CG with backtracking, or M⁻¹ g), with the
                curvature Q of its quadratic model q(p) = gᵀp + ½ pᵀQp;
-   momentum    s = d + μ s_prev (μ = 0: s = d);
+   momentum    s = d + μ s_prev (μ = 0: s = d; "adaptive": μ from the quadratic model over
+               span{d, s_prev}, `_quadratic`);
 3. step rule   α (`natgrad.step_rules`): p = −α s;
 4. damping     ρ = (f(θ + p) − f(θ)) / (q(p) − q(0)) from one extra forward pass (skipped
                when neither the damping rule nor the guard reads it, or the step rule already
@@ -81,14 +82,16 @@ def transform(
         else:
             f0 = loss.mean(apply_fn(params, trial_inputs), trial_targets).astype(dtype)
 
-        # 2. Direction and momentum.
+        # 2. Direction and momentum. Without a warm start CG starts from 0, and its first
+        # residual (g) costs no product.
+        x0 = None if parts.warm_start == 0 else _tree.scale(parts.warm_start, state.direction)
         res = parts.direction.compute(
             DirectionInputs(
                 grads=grads,
                 op=op,
                 damping=lam,
                 approx=approx,
-                x0=_tree.scale(parts.warm_start, state.direction),
+                x0=x0,
                 trial=trial,
                 problem=(parts.curvature, apply_fn, loss, params, cbatch, k_curv),
             )
@@ -101,6 +104,7 @@ def transform(
         lr = parts.learning_rate
         lr = jnp.asarray(lr(state.count) if callable(lr) else lr, dtype)
         f_unit = res.f_unit if not parts.momentum else None
+        mu = q.pop("mu")
         quantities = StepQuantities(lr=lr, f0=f0, trial=lambda a: trial(s, a), f_unit=f_unit, **q)
         alpha, allowed, f1 = parts.step_rule.step_size(quantities)
         alpha = jnp.asarray(alpha, dtype)
@@ -134,6 +138,7 @@ def transform(
             alpha=alpha,
             rho=rho,
             sfs=q["sfs"],
+            mu=mu,
             result=res,
             s=s,
             preconditioner_state=pstate,

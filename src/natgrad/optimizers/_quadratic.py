@@ -8,28 +8,85 @@ search direction is s = d + μ s_prev (heavy-ball momentum on the preconditioned
 
 the last the second-order term of the output KL, ½ α² sᵀFs. F is the Fisher (= the GGN for
 natgrad's losses): when Q is an indefinite Hessian, sᵀFs is one more GGN product.
+
+Adaptive momentum (``momentum="adaptive"``; kfac-jax's adaptive learning rate and momentum,
+Martens & Grosse 2015 §7): the step p = −(a d + c s_prev) minimising the damped quadratic model
+q(p) = gᵀp + ½ pᵀ(C + λI)p over span{d, s_prev}, C the batch's exact curvature, solves
+
+    [dᵀ(C+λ)d       dᵀ(C+λ)s_prev    ] [a]   [gᵀd     ]
+    [s_prevᵀ(C+λ)d  s_prevᵀ(C+λ)s_prev] [c] = [gᵀs_prev],
+
+so μ = c / a and s = d + μ s_prev; the optimum along that s is α = a, what the ``"quadratic"``
+step rule returns (kfac-jax's adaptive learning rate), while ``"kl"`` caps the same s by its
+trust region. C is the direction's own curvature when it is exact (CG's: Cd comes free), else
+(K-FAC, whose Q is its approximation M) the GGN on the curvature examples, two products. Where
+the 2×2 system has no positive-definite solution with a > 0 (the first step, s_prev = 0, an
+indefinite Hessian, a non-finite product), μ = 0: the step falls back to d.
 """
 
 from __future__ import annotations
+
+import jax.numpy as jnp
 
 from natgrad import _tree
 from natgrad import curvature as curvature_lib
 from natgrad.optimizers._directions import DirectionResult
 
+ADAPTIVE = "adaptive"
+
 
 def along(mu, previous, res: DirectionResult, grads, lam, problem) -> tuple:
-    """(s, {"gs", "sqs", "sas", "sfs"}); `problem` = (apply_fn, loss, params, batch) for sᵀFs."""
+    """(s, {"gs", "sqs", "sas", "sfs", "mu"}); `problem` = (apply_fn, loss, params, batch) for
+    sᵀFs and the exact curvature of adaptive momentum."""
     dtype = lam.dtype
-    if mu:
+    if mu == ADAPTIVE:
+        s, qs, model, mu = _adaptive(previous, res, grads, lam, problem)
+        damped = False
+    elif mu:
         s = _tree.axpy(mu, previous, res.d)
-        qs = res.model.mv(s)
+        model, damped = res.model, res.damped_model
+        qs = model.mv(s)
     else:
         s = res.d
-        qs = res.model.mv(s) if res.qd is None else res.qd
+        model, damped = res.model, res.damped_model
+        qs = model.mv(s) if res.qd is None else res.qd
     sqs = _tree.vdot(s, qs).astype(dtype)
-    sas = sqs if res.damped_model else sqs + lam * _tree.vdot(s, s).astype(dtype)
-    if res.model.psd:
+    sas = sqs if damped else sqs + lam * _tree.vdot(s, s).astype(dtype)
+    if model.psd:
         sfs = sqs
     else:  # the KL's second-order term is the Fisher (= GGN), not an indefinite Hessian
         sfs = _tree.vdot(s, curvature_lib.ggn(*problem).mv(s)).astype(dtype)
-    return s, {"gs": _tree.vdot(grads, s).astype(dtype), "sqs": sqs, "sas": sas, "sfs": sfs}
+    gs = _tree.vdot(grads, s).astype(dtype)
+    return s, {"gs": gs, "sqs": sqs, "sas": sas, "sfs": sfs, "mu": jnp.asarray(mu, dtype)}
+
+
+def _adaptive(previous, res: DirectionResult, grads, lam, problem) -> tuple:
+    """(s, C s, C, μ) of adaptive momentum (module docstring)."""
+    dtype = lam.dtype
+    d = res.d
+    if res.damped_model:  # the direction's model is an approximation: the exact GGN instead
+        model = curvature_lib.ggn(*problem)
+        cd = model.mv(d)
+    else:
+        model = res.model
+        cd = model.mv(d) if res.qd is None else res.qd
+    cp = model.mv(previous)
+
+    def dot(u, v):
+        return _tree.vdot(u, v).astype(dtype)
+
+    a11 = dot(d, cd) + lam * dot(d, d)
+    a12 = dot(d, cp) + lam * dot(d, previous)
+    a22 = dot(previous, cp) + lam * dot(previous, previous)
+    b1, b2 = dot(grads, d), dot(grads, previous)
+    det = a11 * a22 - a12 * a12
+    # Positive definite with room to spare (a relative gap, so rounding cannot pass a singular
+    # system: s_prev = 0 gives det = 0), and a descent coefficient a > 0 on d.
+    solvable = (a11 > 0) & (a22 > 0) & (det > 1e-6 * a11 * a22)
+    safe = jnp.where(solvable, det, 1.0)
+    a = (a22 * b1 - a12 * b2) / safe
+    c = (a11 * b2 - a12 * b1) / safe
+    ok = solvable & (a > 0) & jnp.isfinite(a) & jnp.isfinite(c)
+    mu = jnp.where(ok, c / jnp.where(ok, a, 1.0), 0.0)
+    s = _tree.axpy(mu, previous, d)
+    return s, _tree.axpy(mu, cp, cd), model, mu

@@ -33,6 +33,7 @@ class State(NamedTuple):
     backtrack_iteration: jax.Array  # the CG iteration whose iterate was taken
     direction: PyTree  # the last direction, for the warm start (zeros when warm_start = 0)
     momentum: PyTree  # the last search direction s, for momentum (zeros when momentum = 0)
+    momentum_coefficient: jax.Array  # μ of the last step, s = d + μ s_prev (0 if rejected)
     preconditioner_state: Any  # e.g. K-FAC's `natgrad.kronecker.KroneckerState`
 
 
@@ -45,7 +46,7 @@ class Parts(NamedTuple):
     step_rule: StepRule
     damping: DampingRule
     learning_rate: float | Callable
-    momentum: float
+    momentum: float | str  # μ, or "adaptive"
     warm_start: float
     preconditioner: Preconditioner | None
     reject_rises: bool = True  # compute f(θ + p) every step and reject a rise
@@ -72,6 +73,7 @@ def initial(parts: Parts, params: PyTree) -> State:
         backtrack_iteration=zero(),
         direction=_tree.zeros_like(params),
         momentum=_tree.zeros_like(params),
+        momentum_coefficient=jnp.zeros((), dtype),
         preconditioner_state=None if pre is None else pre.init(params),
     )
 
@@ -86,6 +88,7 @@ def advance(
     alpha,
     rho,
     sfs,
+    mu,
     result,
     s,
     preconditioner_state,
@@ -113,6 +116,7 @@ def advance(
         backtrack_iteration=jnp.asarray(kept, jnp.int32),
         direction=keep(warm, state.direction, parts.warm_start != 0),
         momentum=keep(s, state.momentum, parts.momentum != 0),
+        momentum_coefficient=jnp.where(accepted, mu, 0.0).astype(dtype),
         preconditioner_state=preconditioner_state,  # the pipeline kept or updated it
     )
 
