@@ -158,6 +158,10 @@ def relu_mlp(params, x):
     [
         ("kfac, KL rule", lambda: natgrad.kfac(relu_mlp, CE, momentum="adaptive")),
         (
+            "kfac, quadratic rule",  # kfac-jax's adaptive α and μ, natgrad's fixed λ = 1e-3
+            lambda: natgrad.kfac(relu_mlp, CE, momentum="adaptive", step_rule="quadratic"),
+        ),
+        (
             "kfac, quadratic rule, LM",  # kfac-jax's adaptive α, μ and λ
             lambda: natgrad.kfac(
                 relu_mlp,
