@@ -21,8 +21,10 @@ from jax.flatten_util import ravel_pytree
 import natgrad
 import oracles
 from conftest import jitted_update, mlp_apply, mlp_params
-from natgrad import layers, losses
+from natgrad import layers, losses, operators
 from natgrad.experiments import data as natgrad_data
+from natgrad.optimizers import _quadratic
+from natgrad.optimizers._directions import DirectionResult
 
 CE = losses.softmax_cross_entropy()
 LAM = 0.1
@@ -153,6 +155,37 @@ def relu_mlp(params, x):
     return layers.dense(params[-1], x)
 
 
+def train(opt, steps=60):
+    """`steps` steps of batch 128 over the digits with a 784-32-10 ReLU MLP: (loss before, loss
+    after, parameters, the μ of every step)."""
+    x, y = digits()
+    params = [
+        {"w": jax.random.normal(jax.random.PRNGKey(i), (m, n)) / math.sqrt(m), "b": jnp.zeros(n)}
+        for i, (m, n) in enumerate([(784, 32), (32, 10)])
+    ]
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+
+    @jax.jit
+    def step(params, state, xb, yb, key):
+        value, grads = jax.value_and_grad(lambda p: CE.mean(relu_mlp(p, xb), yb))(params)
+        updates, state = opt.update(grads, state, params, batch=(xb, yb), key=key, value=value)
+        return optax.apply_updates(params, updates), state
+
+    def loss(p):
+        return float(CE.mean(relu_mlp(p, x), y))
+
+    start, state, mus = loss(params), opt.init(params), []
+    for i in range(steps):  # batch 128: two epochs of 4,000 images would be 62 steps
+        j = (i * 128) % (len(x) - 128)
+        params, state = step(params, state, x[j : j + 128], y[j : j + 128], jax.random.PRNGKey(i))
+        mus.append(float(state.momentum_coefficient))
+    return start, loss(params), params, np.asarray(mus)
+
+
+def all_finite(params):
+    return np.all(np.isfinite(np.concatenate([np.ravel(v) for v in jax.tree.leaves(params)])))
+
+
 @pytest.mark.parametrize(
     "name, make",
     [
@@ -176,29 +209,63 @@ def relu_mlp(params, x):
     ],
 )
 def test_adaptive_momentum_trains_and_stays_finite(name, make):
-    x, y = digits()
-    params = [
-        {"w": jax.random.normal(jax.random.PRNGKey(i), (m, n)) / math.sqrt(m), "b": jnp.zeros(n)}
-        for i, (m, n) in enumerate([(784, 32), (32, 10)])
-    ]
-    params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    opt = make()
-
-    @jax.jit
-    def step(params, state, xb, yb, key):
-        value, grads = jax.value_and_grad(lambda p: CE.mean(relu_mlp(p, xb), yb))(params)
-        updates, state = opt.update(grads, state, params, batch=(xb, yb), key=key, value=value)
-        return optax.apply_updates(params, updates), state
-
-    def loss(p):
-        return float(CE.mean(relu_mlp(p, x), y))
-
-    start, state, mus = loss(params), opt.init(params), []
-    for i in range(60):  # batch 128, two epochs of 4,000 images would be 62 steps
-        j = (i * 128) % (len(x) - 128)
-        params, state = step(params, state, x[j : j + 128], y[j : j + 128], jax.random.PRNGKey(i))
-        mus.append(float(state.momentum_coefficient))
-    end = loss(params)
-    assert np.all(np.isfinite(np.concatenate([np.ravel(v) for v in jax.tree.leaves(params)])))
+    start, end, params, mus = train(make())
+    assert all_finite(params)
     assert math.isfinite(end) and end < 0.6 * start, (name, start, end)
-    assert np.all(np.isfinite(mus)) and any(m != 0.0 for m in mus)
+    assert np.all(np.isfinite(mus)) and np.any(mus != 0.0)
+
+
+def test_an_indefinite_hessian_falls_back_to_no_momentum_and_stays_finite():
+    """With the Hessian the 2 × 2 model can be indefinite or point uphill: μ = 0 there. The run
+    stays finite and ends within 25 % of the same optimiser's loss without momentum."""
+
+    def make(momentum):
+        return natgrad.natural_gradient(
+            relu_mlp, CE, curvature="hessian", momentum=momentum, damping=0.1
+        )
+
+    start, end, params, mus = train(make("adaptive"))
+    _, plain, _, _ = train(make(0.0))
+    assert all_finite(params) and np.all(np.isfinite(mus))
+    assert np.any(mus == 0.0) and end < start and end <= 1.25 * plain, (end, plain)
+
+
+def _along(c, g, d, s_prev, lam=0.0, psd=False):
+    """Adaptive momentum's (s, μ) on a dense C (vectors as single-leaf trees)."""
+    c = jnp.asarray(c, jnp.float64)
+    op = operators.Operator(lambda v: c @ v, jnp.zeros(len(g)), psd=psd)
+    res = DirectionResult(jnp.asarray(d, jnp.float64), op, jnp.asarray(True))
+    f64 = lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
+    s, _, _, mu = _quadratic._adaptive(f64(s_prev), res, f64(g), f64(lam), None)
+    return np.asarray(s), float(mu)
+
+
+def test_the_two_by_two_fallbacks():
+    g, d = np.array([1.0, 0.0]), np.array([1.0, 0.0])
+    # A positive-definite model: μ from the solve, s = d + μ s_prev.
+    c = np.array([[2.0, 0.5], [0.5, 1.0]])
+    s_prev = np.array([0.3, 1.0])
+    a, cc = span_optimum(c, g, d, s_prev, 0.0)
+    s, mu = _along(c, g, d, s_prev, psd=True)
+    np.testing.assert_allclose(mu, cc / a, rtol=1e-12)
+    np.testing.assert_allclose(s, d + mu * s_prev, rtol=1e-12)
+    # Each case below would give μ ≠ 0 from the bare solve (gᵀs_prev ≠ 0), so μ = 0 is the guard.
+    g1 = np.array([1.0, 1.0])
+    # Indefinite along s_prev (s_prevᵀ C s_prev < 0): no minimum on the span (bare solve μ = −1).
+    s, mu = _along(np.diag([1.0, -1.0]), g1, d, np.array([0.0, 1.0]))
+    assert mu == 0.0 and np.array_equal(s, d)
+    # Positive diagonal but det < 0, a saddle on the span (bare solve μ = 1).
+    s, mu = _along(np.array([[1.0, 2.0], [2.0, 1.0]]), g1, d, np.array([0.0, 1.0]))
+    assert mu == 0.0 and np.array_equal(s, d)
+    # Negative definite on the span: a maximum, not a minimum (bare solve a = 1, μ = 1).
+    s, mu = _along(-np.eye(2), -g1, d, np.array([0.0, 1.0]))
+    assert mu == 0.0 and np.array_equal(s, d)
+    # s_prev (nearly) parallel to d, and the first step's zeros: a singular system.
+    for s_prev in (2 * d, 2 * d + np.array([0.0, 1e-9]), np.zeros(2)):
+        s, mu = _along(c, g1, d, s_prev, psd=True)
+        assert mu == 0.0 and np.array_equal(s, d)
+    # A minimum whose coefficient on d is not positive (a ≤ 0: d would be walked backwards).
+    c = np.eye(2)
+    d_bad = np.array([1.0, 1.0])  # the span's optimum is a = −1, c = 1
+    s, mu = _along(c, np.array([-1.0, 0.0]), d_bad, np.array([0.0, 1.0]), psd=True)
+    assert mu == 0.0 and np.array_equal(s, d_bad)
