@@ -2,7 +2,7 @@
 
 1. Step time (MLP 784-128-10 at batch 128, and 784-512-512-10 at batch 1024): the whole jitted
    training step (`value_and_grad` + `update` + `apply_updates`) of `natgrad.kfac` with its
-   defaults (statistics every 5 steps, inverses every 50, input and output factors at least 512
+   defaults (statistics every 5 steps, inverses every 50, input and output factors at least 256
    wide inverted as rank 32 plus identity), with the old schedule (statistics every step,
    inverses every 5), with the guard's trial loss (`reject_rises=True`), and with exact inverses
    of every factor (`input_factor_rank=None, output_factor_rank=None`, the default before), over

@@ -275,14 +275,14 @@ def _dense_layers(sizes):
     return apply, params
 
 
-def test_kfac_default_keeps_factors_at_least_512_wide_at_rank_32():
+def test_kfac_default_keeps_factors_at_least_256_wide_at_rank_32():
     """``"auto"`` (`defaults.KFAC_INPUT_FACTOR_RANK`, `KFAC_OUTPUT_FACTOR_RANK`): rank 32 for
-    the input and output factors at least 512 wide (A 512 and 513, G 512), exact for the
-    narrower ones (A 511, G 510 and 3); an int k takes every factor wider than 2k; None, and
+    the input and output factors at least 256 wide (A 256 and 257, G 256), exact for the
+    narrower ones (A 255, G 254 and 3); an int k takes every factor wider than 2k; None, and
     the default with EKFAC, invert every factor exactly."""
     from natgrad.optimizers import defaults
 
-    apply, params = _dense_layers((511, 512, 510, 3))
+    apply, params = _dense_layers((255, 256, 254, 3))
     loss = losses.softmax_cross_entropy()
 
     def inverses(**kwargs):
@@ -293,9 +293,9 @@ def test_kfac_default_keeps_factors_at_least_512_wide_at_rank_32():
     kinds, state = inverses()
     assert defaults.KFAC_INPUT_FACTOR_RANK == defaults.KFAC_OUTPUT_FACTOR_RANK == "auto"
     assert kinds == ([True, True, False], [True, False, False])
-    assert state.inverses.a[0].q.shape == (512, 32) and state.inverses.g[0].q.shape == (512, 32)
-    assert [a.shape for a in state.factors.a] == [(512, 65), (513, 65), (511, 511)]
-    assert [g.shape for g in state.factors.g] == [(512, 65), (510, 510), (3, 3)]
+    assert state.inverses.a[0].q.shape == (256, 32) and state.inverses.g[0].q.shape == (256, 32)
+    assert [a.shape for a in state.factors.a] == [(256, 65), (257, 65), (255, 255)]
+    assert [g.shape for g in state.factors.g] == [(256, 65), (254, 254), (3, 3)]
     assert kronecker.sketches(state) == ((64, 64), (64, 0), (0, 0))
     assert inverses(input_factor_rank=8, output_factor_rank=1)[0] == ([True] * 3, [True] * 3)
     assert inverses(input_factor_rank=None)[0] == ([False] * 3, [True, False, False])

@@ -154,7 +154,7 @@ def init(
     """Zero factors and inverses for every layer-looking dict of `params` (and with
     `eigenvalue_correction` an identity eigenbasis and zero scalings, `natgrad.ekfac`; with
     `input_factor_rank` k, a rank-k-plus-identity inverse for each full input factor wider than
-    2k, with ``"auto"`` rank 32 for those at least 512 wide: `natgrad.low_rank.resolve`;
+    2k, with ``"auto"`` rank 32 for those at least 256 wide: `natgrad.low_rank.resolve`;
     `output_factor_rank` the same for the output factors; an embedding's factors stay whole)."""
     nodes, _ = layers.flatten(params)
     slots = layers.find_layers(params)

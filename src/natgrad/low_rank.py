@@ -2,8 +2,8 @@ r"""A rank-k-plus-identity inverse of a large damped Kronecker factor, from a sk
 
 `input_factor_rank=k` applies it to every input factor A wider than 2k, `output_factor_rank=k`
 to every output factor G wider than 2k; ``"auto"`` (the default of `natgrad.kfac` for both) to
-those at least `AUTO_MIN_WIDTH` = 512 wide with k = `AUTO_RANK` = 32, where the exact
-application costs at least 8× the low-rank one and a narrower factor stays exact. The
+those at least `AUTO_MIN_WIDTH` = 256 wide with k = `AUTO_RANK` = 32, where the exact
+application costs at least 4× the low-rank one and a narrower factor stays exact. The
 preconditioner `natgrad.preconditioners.kfac` inverts exactly unless asked. Everything below
 is written for A; G is the same with g for ā (its sketch [G Ω | diag G], from Σ g (gᵀΩ)).
 
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 AUTO_RANK = 32
-AUTO_MIN_WIDTH = 512  # n ≥ 16k: the exact n² per column ≥ 8× the low-rank 2nk
+AUTO_MIN_WIDTH = 256  # n ≥ 8k: the exact n² per column ≥ 4× the low-rank 2nk
 OVERSAMPLING = 2  # the sketch has ℓ = 2k columns (`width`)
 
 

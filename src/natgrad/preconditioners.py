@@ -363,7 +363,7 @@ def kfac(
     refresh takes the eigenpairs from it by the Nyström approximation. Not with
     `eigenvalue_correction`.
     ``input_factor_rank="auto"`` (`natgrad.kfac`'s default) is rank 32 for input factors at
-    least 512 wide only (`natgrad.low_rank.resolve`), and exact with `eigenvalue_correction`.
+    least 256 wide only (`natgrad.low_rank.resolve`), and exact with `eigenvalue_correction`.
     `output_factor_rank` is the same for the output factors G (kept as [G Ω | diag G]): a
     512-unit hidden layer's G at rank 32 costs 1/8 of the exact G⁻¹'s n² per row of V. An
     embedding's factors stay whole (it fills its own statistics).

@@ -7,10 +7,11 @@ parameter (`natgrad.kronecker` has the maths). One step, given the gradient g:
 
 1. Curvature (the preconditioner `natgrad.preconditioners.kfac`): the factors' exponential
    moving averages (decay `ema_decay`) and the inverses of the factored-Tikhonov-damped
-   factors, (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, as the earlier steps left them. An input
-   factor wider than 512 (a 785-pixel input) is inverted as rank 32 plus a scaled identity
-   (`natgrad.low_rank`; ``input_factor_rank=None`` inverts it exactly): applying its exact
-   inverse cost more than the layer's forward and backward pass.
+   factors, (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹, as the earlier steps left them. A factor at
+   least 256 wide (a 785-pixel input, a 256-unit layer) is inverted as rank 32 plus a scaled
+   identity (`natgrad.low_rank`; ``input_factor_rank=None`` / ``output_factor_rank=None``
+   invert exactly): applying a 785-wide exact inverse cost more than the layer's forward and
+   backward pass.
 2. Direction Δ = F̂⁻¹ g blockwise: A⁻¹ [dW; db] G⁻¹; with momentum, s = Δ + μ s_prev.
 3. Step size: a trust region in KL with the damped K-FAC matrix in place of F,
        α = min(lr, sqrt(2δ / sᵀ(F̂ + λ)s)),   δ = `kl_radius`,
@@ -112,9 +113,10 @@ def kfac(
       input_factor_rank: k: invert each input factor wider than 2k as rank k plus a scaled
         identity (`natgrad.low_rank`), a cheaper application for wide inputs (785 pixels:
         12× fewer flops at k = 32); None inverts exactly; ``"auto"`` (default) is rank 32
-        for input factors at least 512 wide only, and exact with `eigenvalue_correction`.
+        for input factors at least 256 wide only, and exact with `eigenvalue_correction`.
       output_factor_rank: the same for the output factors G (a 512-unit hidden layer's:
-        8× fewer flops at k = 32); ``"auto"`` (default) as for `input_factor_rank`.
+        8× fewer flops at k = 32, a 256-unit one's 4×); ``"auto"`` (default) as for
+        `input_factor_rank`.
       curvature_batch: the statistics pass on at most this many examples, every ⌈B/n⌉-th of
         the batch's B (None: all of it); the gradient is the caller's, on the whole batch.
         Default `defaults.KFAC_CURVATURE_BATCH`, 512: the factors average ~20 passes, so a
