@@ -23,7 +23,7 @@ import optax
 
 import natgrad
 from benchmarks import workloads
-from benchmarks.peers.runner import loop_options, with_targets
+from benchmarks.peers.runner import loop_options, median_reach, with_targets
 from benchmarks.timed_training import batch_order, train
 
 
@@ -37,12 +37,6 @@ def parse_variant(text: str) -> tuple[str, str]:
 def build(expression: str, problem):
     scope = {"natgrad": natgrad, "optax": optax, "A": problem.apply_fn, "L": problem.loss}
     return eval(expression, scope)  # a benchmark's own command line, like timeit's
-
-
-def median_reach(values: list) -> float | None:
-    """The median over orders, a miss counting as infinite; None when that median is a miss."""
-    m = statistics.median([float("inf") if v is None else v for v in values])
-    return None if m == float("inf") else m
 
 
 def run(w: workloads.Workload, variants: dict[str, str], orders: int, log=print) -> dict:

@@ -113,6 +113,13 @@ def row(key: str, w: workloads.Workload, mode: str, run_fn, autoencoder: bool, p
     return out | {"chosen": {knob: values[best]}, "runs": [tuning[best], *more]}
 
 
+def median_reach(values) -> float | None:
+    """The median over seeds of a step count or time to a target, an unreached one (None)
+    counting as +∞; None when that median is a miss (most seeds missed), or with no seeds."""
+    med = statistics.median([math.inf if v is None else v for v in values] or [math.inf])
+    return None if med == math.inf else med
+
+
 def summary(opt_row: dict, targets) -> dict:
     """Median and (min, max) over seeds of the seconds and steps to each target and the final
     metric; the median of the seeds counts an unreached target as +∞ (so it is None when most
@@ -122,9 +129,8 @@ def summary(opt_row: dict, targets) -> dict:
         for t in targets:
             vals = [r[field][str(t)] for r in opt_row.get("runs", [])]
             ok = sorted(v for v in vals if v is not None)
-            med = statistics.median([math.inf if v is None else v for v in vals] or [math.inf])
             out[f"{field}:{t}"] = {
-                "median": None if med == math.inf else med,
+                "median": median_reach(vals),
                 "spread": [ok[0], ok[-1]] if ok else None,
             }
     finals = [r["final_metric"] for r in opt_row.get("runs", []) if r["final_metric"] is not None]
