@@ -96,7 +96,7 @@ def transform(
                 problem=(parts.curvature, apply_fn, loss, params, cbatch, k_curv),
             )
         )
-        s, q = _quadratic.along(
+        s, q, mu = _quadratic.along(
             parts.momentum, state.momentum, res, grads, lam, (apply_fn, loss, params, cbatch)
         )
 
@@ -104,7 +104,6 @@ def transform(
         lr = parts.learning_rate
         lr = jnp.asarray(lr(state.count) if callable(lr) else lr, dtype)
         f_unit = res.f_unit if not parts.momentum else None
-        mu = q.pop("mu")
         quantities = StepQuantities(lr=lr, f0=f0, trial=lambda a: trial(s, a), f_unit=f_unit, **q)
         alpha, allowed, f1 = parts.step_rule.step_size(quantities)
         alpha = jnp.asarray(alpha, dtype)

@@ -36,8 +36,8 @@ ADAPTIVE = "adaptive"
 
 
 def along(mu, previous, res: DirectionResult, grads, lam, problem) -> tuple:
-    """(s, {"gs", "sqs", "sas", "sfs", "mu"}); `problem` = (apply_fn, loss, params, batch) for
-    sᵀFs and the exact curvature of adaptive momentum."""
+    """(s, {"gs", "sqs", "sas", "sfs"}, the μ taken); `problem` = (apply_fn, loss, params,
+    batch) for sᵀFs and the exact curvature of adaptive momentum."""
     dtype = lam.dtype
     if mu == ADAPTIVE:
         s, qs, model, mu = _adaptive(previous, res, grads, lam, problem)
@@ -57,7 +57,7 @@ def along(mu, previous, res: DirectionResult, grads, lam, problem) -> tuple:
     else:  # the KL's second-order term is the Fisher (= GGN), not an indefinite Hessian
         sfs = _tree.vdot(s, curvature_lib.ggn(*problem).mv(s)).astype(dtype)
     gs = _tree.vdot(grads, s).astype(dtype)
-    return s, {"gs": gs, "sqs": sqs, "sas": sas, "sfs": sfs, "mu": jnp.asarray(mu, dtype)}
+    return s, {"gs": gs, "sqs": sqs, "sas": sas, "sfs": sfs}, jnp.asarray(mu, dtype)
 
 
 def _adaptive(previous, res: DirectionResult, grads, lam, problem) -> tuple:
