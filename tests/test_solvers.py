@@ -219,3 +219,82 @@ def test_preconditioner_failing_after_an_update_keeps_that_update_flagged():
 def test_bad_maxiter():
     with pytest.raises(ValueError, match="maxiter"):
         solvers.cg(lambda v: v, jnp.ones(2), maxiter=0)
+
+
+def _textbook_pcg(a, b, x0, minv, iterations):
+    """Nocedal & Wright's Alg. 5.3 in NumPy float64: the iterates x_1 … x_k from x0."""
+    a, b, x, minv = (np.asarray(t, np.float64) for t in (a, b, x0, minv))
+    r = b - a @ x
+    y = minv @ r
+    p = y
+    out = []
+    for _ in range(iterations):
+        ap = a @ p
+        alpha = (r @ y) / (p @ ap)
+        x = x + alpha * p
+        r_new = r - alpha * ap
+        y_new = minv @ r_new
+        p = y_new + (r_new @ y_new) / (r @ y) * p
+        r, y = r_new, y_new
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("martens_stop", [False, True])
+def test_warm_started_preconditioned_cg_follows_the_textbook_iterates(martens_stop):
+    # The warm start's r₀ = b − A x₀ and y₀ = M⁻¹ r₀ are computed on the loop's set-up trip:
+    # iterates, φ, the residual and the saved iterates must be the textbook ones from x₀.
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(11), 3)
+    n = 12
+    a = spd(k1, n, 1e3)
+    b = jax.random.normal(k2, (n,))
+    x0 = 0.3 * jax.random.normal(k3, (n,))
+    minv = jnp.diag(1.0 / (jnp.diag(a) + 0.5))
+    for k, steps in ((1, [1]), (3, [3]), (7, [5, 7, -1])):
+        res = solvers.cg(
+            lambda v: a @ v,
+            b,
+            x0=x0,
+            maxiter=k,
+            tol=0.0,
+            preconditioner=lambda r: minv @ r,
+            martens_stop=martens_stop,
+            save_iterates=True,
+        )
+        ref = _textbook_pcg(a, b, x0, minv, k)
+        assert int(res.iterations) == k
+        np.testing.assert_allclose(res.x, ref[-1], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(res.residual, b - a @ res.x, atol=1e-9)
+        np.testing.assert_allclose(res.phi, 0.5 * res.x @ a @ res.x - b @ res.x, rtol=1e-9)
+        for slot, i in enumerate(np.asarray(res.saved_steps)):
+            if i > 0:
+                np.testing.assert_allclose(res.saved[slot], ref[i - 1], rtol=1e-9, atol=1e-12)
+        assert list(np.asarray(res.saved_steps)) == steps
+
+
+def test_warm_start_compiles_one_product_and_one_preconditioner():
+    # The set-up trip reuses the loop body's product and preconditioner: each is traced once
+    # (one copy in the compiled program), not once before the loop and once in it.
+    traced = {"matvec": 0, "precond": 0}
+    a = spd(jax.random.PRNGKey(3), 5)
+
+    def matvec(v):
+        traced["matvec"] += 1
+        return a @ v
+
+    def precond(r):
+        traced["precond"] += 1
+        return r / jnp.diag(a)
+
+    b = jnp.ones(5)
+    x = jax.jit(lambda x0: solvers.cg(matvec, b, x0=x0, maxiter=5, preconditioner=precond).x)
+    np.testing.assert_allclose(x(0.1 * b), jnp.linalg.solve(a, b), rtol=1e-6)
+    assert traced == {"matvec": 1, "precond": 1}
+
+
+def test_nonfinite_warm_start_stops_flagged_before_any_iteration():
+    a = spd(jax.random.PRNGKey(4), 4)
+    x0 = jnp.array([1.0, jnp.nan, 0.0, 0.0])
+    res = solvers.cg(lambda v: a @ v, jnp.ones(4), x0=x0, maxiter=5)
+    assert solvers.STATUS_NAMES[int(res.status)] == "nonfinite"
+    assert int(res.iterations) == 0
