@@ -290,9 +290,7 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
         )
         if save_iterates:
             slot = jnp.searchsorted(sched, i)
-            do_save = (
-                jnp.logical_not(bad | setup) & (slot < len(schedule)) & (sched[slot] == i)
-            )
+            do_save = jnp.logical_not(bad | setup) & (slot < len(schedule)) & (sched[slot] == i)
             saved, steps = _save(s.saved, s.saved_steps, slot, x_new, i)
             new = new._replace(
                 saved=_tree.where(do_save, saved, s.saved),
