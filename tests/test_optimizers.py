@@ -378,6 +378,55 @@ def test_armijo_line_search():
     assert not bool(ok)
 
 
+def test_armijo_line_search_counts_its_trials_and_uses_a_known_unit_loss():
+    # f_unit known and α₀ = 1: the first trial is free; α₀ ≠ 1 or f_unit unknown: evaluated.
+    # The same α in every case (1, .8, .64 fail; .512 passes).
+    f = lambda a: (a - 0.3) ** 2  # noqa: E731
+    f0, slope = jnp.asarray(0.09), jnp.asarray(0.6)
+    kw = dict(c=1e-2, shrink=0.8, max_steps=20)
+    for f_unit, lr, evaluated in ((f(jnp.asarray(1.0)), 1.0, 3), (None, 1.0, 4), (0.0, 0.8, 3)):
+        calls = []
+
+        def trial(a, calls=calls):
+            jax.debug.callback(lambda a: calls.append(float(a)), a)
+            return f(a)
+
+        unit = None if f_unit is None else jnp.asarray(f_unit)
+        alpha, value, ok = _line_search(trial, f0, unit, slope, lr=lr, **kw)
+        assert bool(ok) and float(alpha) == pytest.approx(0.8**3)
+        assert len(calls) == evaluated
+        assert calls[-1] == pytest.approx(0.8**3)
+
+
+def _copies_of_sine(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).as_text().count("sine")
+
+
+def test_backtracking_and_line_search_hold_one_copy_of_the_loss():
+    # Each loop evaluates the loss inside itself only: one copy of the model in the program.
+    class Res:
+        saved = jnp.arange(6.0)
+        saved_steps = jnp.array([5, 7, 9, 11, -1, -1])
+
+    assert _copies_of_sine(lambda s: backtrack(Res, lambda d: jnp.sin(d * s))[1], 1.0) == 1
+    for f_unit in (None, jnp.asarray(0.5)):
+
+        def search(s, f_unit=f_unit):
+            trial = lambda a: jnp.sin(a * s) + 1.0  # noqa: E731
+            return _line_search(
+                trial,
+                jnp.asarray(0.0),
+                f_unit,
+                jnp.asarray(1.0),
+                lr=1.0,
+                c=0.1,
+                shrink=0.5,
+                max_steps=5,
+            )[0]
+
+        assert _copies_of_sine(search, 1.0) == 1
+
+
 def test_float32_parameters_stay_float32():
     params, (x, y) = small_mlp_problem(9)
     params = jax.tree.map(lambda a: a.astype(jnp.float32), params)

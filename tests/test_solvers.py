@@ -298,3 +298,23 @@ def test_nonfinite_warm_start_stops_flagged_before_any_iteration():
     res = solvers.cg(lambda v: a @ v, jnp.ones(4), x0=x0, maxiter=5)
     assert solvers.STATUS_NAMES[int(res.status)] == "nonfinite"
     assert int(res.iterations) == 0
+
+
+def test_cg_backtrack_is_cg_with_saved_iterates_then_backtrack():
+    a = jnp.diag(jnp.linspace(1.0, 30.0, 7))
+    b = {"u": jnp.ones(4), "v": jnp.arange(3.0)}
+    flat = lambda t: jnp.concatenate([t["u"], t["v"]])  # noqa: E731
+    matvec = lambda t: {"u": (a @ flat(t))[:4], "v": (a @ flat(t))[4:]}  # noqa: E731
+    options = dict(x0={"u": 0.1 * jnp.ones(4), "v": jnp.zeros(3)}, maxiter=7, tol=0.0)
+    ref = solvers.cg(matvec, b, save_iterates=True, **options)
+    # A loss least at the 5th iterate, so backtracking steps back from the 7th to it.
+    target = flat(jax.tree.map(lambda s: s[0], ref.saved))
+    loss_of = lambda t: jnp.sum((flat(t) - target) ** 2)  # noqa: E731
+    res, d, kept, f_d = solvers.cg_backtrack(matvec, b, loss_of, **options)
+    j, f_j = solvers.backtrack(ref, loss_of)
+    for leaf in ("u", "v"):
+        np.testing.assert_allclose(d[leaf], ref.saved[leaf][j], rtol=1e-12)
+        np.testing.assert_allclose(res.saved[leaf], ref.saved[leaf], rtol=1e-12)
+        np.testing.assert_allclose(res.x[leaf], ref.x[leaf], rtol=1e-12)
+    assert int(kept) == int(ref.saved_steps[j]) and float(f_d) == pytest.approx(float(f_j))
+    assert int(kept) == 5 < int(res.iterations)  # it did step back

@@ -37,7 +37,15 @@ from jax.flatten_util import ravel_pytree
 from natgrad import _tree
 from natgrad.operators import Operator, as_matvec
 
-__all__ = ["CGResult", "cg", "backtrack", "dense_solve", "save_schedule", "STATUS_NAMES"]
+__all__ = [
+    "CGResult",
+    "cg",
+    "cg_backtrack",
+    "backtrack",
+    "dense_solve",
+    "save_schedule",
+    "STATUS_NAMES",
+]
 
 PyTree = Any
 
@@ -136,19 +144,66 @@ def cg(
       A `CGResult`. Under `jax.jit` everything but `maxiter`, `martens_stop` and
       `save_iterates` may be traced.
     """
-    if int(maxiter) < 1:
-        raise ValueError(f"maxiter: expected an integer >= 1, got {maxiter}")
-    options = dict(
-        maxiter=int(maxiter),
+    res, unravel = _run(
+        matvec,
+        b,
+        x0=x0,
+        maxiter=maxiter,
         tol=tol,
         atol=atol,
+        preconditioner=preconditioner,
         martens_stop=martens_stop,
         save_iterates=save_iterates,
     )
+    return _unraveled(res, unravel)
+
+
+def cg_backtrack(
+    matvec: Operator | Callable[[PyTree], PyTree],
+    b: PyTree,
+    loss_of: Callable[[PyTree], jax.Array],
+    *,
+    x0: PyTree | None = None,
+    maxiter: int = 50,
+    tol: float = 1e-5,
+    atol: float = 0.0,
+    preconditioner: Operator | Callable[[PyTree], PyTree] | None = None,
+    martens_stop: bool = False,
+) -> tuple[CGResult, PyTree, jax.Array, jax.Array]:
+    """``cg(..., save_iterates=True)`` followed by `backtrack` with `loss_of`.
+
+    Returns ``(result, d, kept_iteration, loss)``: d is the saved iterate kept, the CG iteration
+    it is from and ``loss_of(d)``. The same as the two calls, but the backtracking reads CG's
+    saved iterates as the one raveled buffer CG wrote them to, not split into leaves (a copy
+    of every saved iterate, and kernels, in the compiled program).
+    """
+    res, unravel = _run(
+        matvec,
+        b,
+        x0=x0,
+        maxiter=maxiter,
+        tol=tol,
+        atol=atol,
+        preconditioner=preconditioner,
+        martens_stop=martens_stop,
+        save_iterates=True,
+    )
+    to_tree = unravel if unravel is not None else (lambda v: v)
+    j, f_j = backtrack(res, lambda v: loss_of(to_tree(v)))
+    d = to_tree(jax.tree.map(lambda s: s[j], res.saved))
+    return _unraveled(res, unravel), d, res.saved_steps[j], f_j
+
+
+def _run(matvec, b, *, x0, maxiter, preconditioner, **options):
+    """`_cg` on `b` raveled when its leaves share a dtype; the result and the unravel (or
+    None)."""
+    if int(maxiter) < 1:
+        raise ValueError(f"maxiter: expected an integer >= 1, got {maxiter}")
+    options["maxiter"] = int(maxiter)
     matvec = as_matvec(matvec)
     precond = as_matvec(preconditioner) if preconditioner is not None else None
     if not _tree.ravels(b):
-        return _cg(matvec, b, x0=x0, preconditioner=precond, **options)
+        return _cg(matvec, b, x0=x0, preconditioner=precond, **options), None
     # Several leaves of one dtype: CG's vector arithmetic on them raveled into one vector, one
     # kernel per update instead of one per leaf (XLA's CPU backend compiles each separately).
     flat_b, unravel = ravel_pytree(b)
@@ -163,6 +218,12 @@ def cg(
         preconditioner=None if precond is None else flat(precond),
         **options,
     )
+    return res, unravel
+
+
+def _unraveled(res: CGResult, unravel) -> CGResult:
+    if unravel is None:
+        return res
     return res._replace(
         x=unravel(res.x),
         residual=unravel(res.residual),
@@ -205,8 +266,10 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
     schedule = save_schedule(maxiter) if save_iterates else ()
     if save_iterates:
         slots = len(schedule) + 1  # + the last iterate
-        saved = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), x)
-        saved_steps = jnp.full((slots,), -1, jnp.int32)
+        # One slot more, written when nothing is saved: each iteration writes one iterate
+        # into the buffer instead of selecting between two whole buffers.
+        saved = jax.tree.map(lambda a: jnp.zeros((slots + 1, *a.shape), a.dtype), x)
+        saved_steps = jnp.full((slots + 1,), -1, jnp.int32)
     else:
         saved, saved_steps = None, None
     sched = jnp.asarray(schedule if schedule else (0,), jnp.int32)
@@ -289,18 +352,18 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
             saved_steps=s.saved_steps,
         )
         if save_iterates:
-            slot = jnp.searchsorted(sched, i)
+            slot = jnp.sum(sched < i)  # searchsorted, without its loop
             do_save = jnp.logical_not(bad | setup) & (slot < len(schedule)) & (sched[slot] == i)
+            slot = jnp.where(do_save, slot, slots)
             saved, steps = _save(s.saved, s.saved_steps, slot, x_new, i)
-            new = new._replace(
-                saved=_tree.where(do_save, saved, s.saved),
-                saved_steps=jnp.where(do_save, steps, s.saved_steps),
-            )
+            new = new._replace(saved=saved, saved_steps=steps)
         return new
 
     final = lax.while_loop(cond, body, state)
     saved, saved_steps = final.saved, final.saved_steps
     if save_iterates:
+        saved = jax.tree.map(lambda buf: buf[:slots], saved)
+        saved_steps = saved_steps[:slots]
         # The final iterate goes in the slot after the last scheduled one that was filled,
         # unless it is already there.
         used = jnp.sum(saved_steps >= 0)
@@ -334,22 +397,22 @@ def backtrack(res: CGResult, loss_of: Callable[[PyTree], jax.Array]) -> tuple[ja
     last = jnp.sum(res.saved_steps >= 0) - 1
     take = lambda j: jax.tree.map(lambda s: s[j], res.saved)  # noqa: E731
 
-    def finite_loss(d):
-        value = loss_of(d)
-        return jnp.where(jnp.isfinite(value), value, jnp.inf)
-
+    # One loop with the loss inside it (one copy of the model in the compiled program): the
+    # first trip takes the last iterate whatever its loss, each later trip the one before,
+    # kept while it is lower.
     def cond(c):
-        return c[2]
+        return c[3]
 
     def body(c):
-        j, f_j, _ = c
-        f_prev = finite_loss(take(j - 1))
-        better = f_prev < f_j
-        j_new = jnp.where(better, j - 1, j)
-        return j_new, jnp.where(better, f_prev, f_j), better & (j_new > 0)
+        j, best, f_best, _ = c
+        value = loss_of(take(j))
+        value = jnp.where(jnp.isfinite(value), value, jnp.inf)
+        better = (value < f_best) | (j == last)
+        best, f_best = jnp.where(better, j, best), jnp.where(better, value, f_best)
+        return j - 1, best, f_best, better & (j > 0)
 
-    f_last = finite_loss(take(last))
-    j, f_j, _ = lax.while_loop(cond, body, (last, f_last, last > 0))
+    f_start = jnp.asarray(jnp.inf, jax.eval_shape(loss_of, take(0)).dtype)
+    _, j, f_j, _ = lax.while_loop(cond, body, (last, last, f_start, jnp.asarray(True)))
     return j, f_j
 
 

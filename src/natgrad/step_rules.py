@@ -121,21 +121,24 @@ def line_search(
             return (f_alpha <= q.f0 - c * alpha * q.gs) & jnp.isfinite(f_alpha) & (q.gs > 0)
 
         alpha0 = jnp.asarray(q.lr, q.f0.dtype)
+        # One loop, one forward pass in it (one copy of the model in the compiled program):
+        # its first trip evaluates f(θ − α₀ s) unless that is known (f(θ − s) from Hessian-free's
+        # backtracking, when α₀ = 1); every later trip shrinks α and evaluates again.
         if q.f_unit is None:
-            f_start = q.trial(alpha0)
-        else:  # f(θ − s) is known: no forward pass when the first trial is α = 1
-            f_start = lax.cond(alpha0 == 1, lambda: q.f_unit, lambda: q.trial(alpha0))
+            pending, f_start = jnp.asarray(True), jnp.asarray(jnp.inf, q.f0.dtype)
+        else:
+            pending, f_start = alpha0 != 1, jnp.asarray(q.f_unit, q.f0.dtype)
 
         def cond(s):
-            k, alpha, f_alpha = s
-            return (k < max_steps) & ~armijo(alpha, f_alpha)
+            k, alpha, f_alpha, pending = s
+            return pending | ((k < max_steps) & ~armijo(alpha, f_alpha))
 
         def body(s):
-            k, alpha, _ = s
-            alpha = alpha * shrink
-            return k + 1, alpha, q.trial(alpha)
+            k, alpha, _, pending = s
+            alpha = jnp.where(pending, alpha, alpha * shrink)
+            return jnp.where(pending, k, k + 1), alpha, q.trial(alpha), jnp.asarray(False)
 
-        _, alpha, f_alpha = lax.while_loop(cond, body, (jnp.int32(0), alpha0, f_start))
+        _, alpha, f_alpha, _ = lax.while_loop(cond, body, (jnp.int32(0), alpha0, f_start, pending))
         return alpha, armijo(alpha, f_alpha), f_alpha
 
     return StepRule("line_search", step_size)

@@ -63,16 +63,11 @@ class Direction(NamedTuple):
     compute: Callable[[DirectionInputs], DirectionResult]
 
 
-def _cg(inputs: DirectionInputs, *, maxiter, tol, martens_stop, save_iterates):
-    return solvers.cg(
-        operators.damped(inputs.op, inputs.damping),
-        inputs.grads,
-        x0=inputs.x0,
-        maxiter=maxiter,
-        tol=tol,
-        martens_stop=martens_stop,
-        preconditioner=None if inputs.approx is None else inputs.approx.inverse(),
-        save_iterates=save_iterates,
+def _cg_options(inputs: DirectionInputs, **options) -> dict:
+    """`natgrad.solvers.cg`'s keyword arguments for these inputs."""
+    approx = inputs.approx
+    return dict(
+        x0=inputs.x0, preconditioner=None if approx is None else approx.inverse(), **options
     )
 
 
@@ -88,7 +83,11 @@ def cg_solve(*, maxiter: int, tol: float, martens_stop: bool) -> Direction:
     """d = (C + λI)⁻¹ g by preconditioned CG; Q = C."""
 
     def compute(inputs: DirectionInputs) -> DirectionResult:
-        res = _cg(inputs, maxiter=maxiter, tol=tol, martens_stop=martens_stop, save_iterates=False)
+        res = solvers.cg(
+            operators.damped(inputs.op, inputs.damping),
+            inputs.grads,
+            **_cg_options(inputs, maxiter=maxiter, tol=tol, martens_stop=martens_stop),
+        )
         d = res.x
         cd = _tree.sub(_tree.sub(inputs.grads, res.residual), _tree.scale(inputs.damping, d))
         return DirectionResult(d, inputs.op, _finite(res), qd=cd, **_stats(res))
@@ -100,17 +99,20 @@ def cg_backtracking(*, maxiter: int, tol: float, martens_stop: bool) -> Directio
     """CG with saved iterates and Martens' backtracking over them; Q = C."""
 
     def compute(inputs: DirectionInputs) -> DirectionResult:
-        res = _cg(inputs, maxiter=maxiter, tol=tol, martens_stop=martens_stop, save_iterates=True)
         one = jnp.asarray(1.0, inputs.damping.dtype)
-        j, f_j = solvers.backtrack(res, lambda d: inputs.trial(d, one))
-        d = jax.tree.map(lambda s: s[j], res.saved)
+        res, d, kept, f_d = solvers.cg_backtrack(
+            operators.damped(inputs.op, inputs.damping),
+            inputs.grads,
+            lambda v: inputs.trial(v, one),
+            **_cg_options(inputs, maxiter=maxiter, tol=tol, martens_stop=martens_stop),
+        )
         return DirectionResult(
             d,
             inputs.op,
             _finite(res),
             keep=res.x,
-            kept_iteration=res.saved_steps[j],
-            f_unit=f_j,
+            kept_iteration=kept,
+            f_unit=f_d,
             **_stats(res),
         )
 
