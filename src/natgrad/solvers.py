@@ -104,7 +104,6 @@ class _State(NamedTuple):
     setup: jax.Array  # the warm start's set-up trip (r₀, y₀) is next
     x: PyTree
     r: PyTree
-    y: PyTree
     p: PyTree
     ry: jax.Array
     phi_hist: jax.Array
@@ -249,7 +248,7 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
     if warm:
         x = _tree.cast_like(x0, b)
         # Placeholders the set-up trip replaces; ry = 1 keeps its unused β finite.
-        r, y, p = b, _tree.zeros_like(b), _tree.zeros_like(b)
+        r, p = b, _tree.zeros_like(b)
         ry = jnp.ones((), dtype)
         phi0 = jnp.zeros((), dtype)
         converged0 = jnp.bool_(False)
@@ -279,7 +278,6 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
         setup=jnp.bool_(warm),
         x=x,
         r=r,
-        y=y,
         p=p,
         ry=ry,
         phi_hist=phi_hist,
@@ -342,7 +340,6 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
             setup=jnp.bool_(False),
             x=x_new,
             r=r_new,
-            y=y_new,
             p=p_new,
             ry=jnp.where(bad & ~setup, s.ry, ry_new),
             phi_hist=jnp.where(early, s.phi_hist, phi_hist),
