@@ -161,44 +161,30 @@ def cg_backtrack(
     matvec: Operator | Callable[[PyTree], PyTree],
     b: PyTree,
     loss_of: Callable[[PyTree], jax.Array],
-    *,
-    x0: PyTree | None = None,
-    maxiter: int = 50,
-    tol: float = 1e-5,
-    atol: float = 0.0,
-    preconditioner: Operator | Callable[[PyTree], PyTree] | None = None,
-    martens_stop: bool = False,
+    **options,
 ) -> tuple[CGResult, PyTree, jax.Array, jax.Array]:
-    """``cg(..., save_iterates=True)`` followed by `backtrack` with `loss_of`.
+    """``cg(matvec, b, save_iterates=True, **options)`` followed by `backtrack` with `loss_of`.
 
-    Returns ``(result, d, kept_iteration, loss)``: d is the saved iterate kept, the CG iteration
-    it is from and ``loss_of(d)``. The same as the two calls, but the backtracking reads CG's
-    saved iterates as the one raveled buffer CG wrote them to, not split into leaves (a copy
-    of every saved iterate, and kernels, in the compiled program).
+    `options` are `cg`'s (x0, maxiter, tol, atol, preconditioner, martens_stop). Returns
+    ``(result, d, kept_iteration, loss)``: d is the saved iterate kept, the CG iteration it is
+    from and ``loss_of(d)``. The same as the two calls, but the backtracking reads CG's saved
+    iterates as the one raveled buffer CG wrote them to, not split into leaves (a copy of every
+    saved iterate, and kernels, in the compiled program).
     """
-    res, unravel = _run(
-        matvec,
-        b,
-        x0=x0,
-        maxiter=maxiter,
-        tol=tol,
-        atol=atol,
-        preconditioner=preconditioner,
-        martens_stop=martens_stop,
-        save_iterates=True,
-    )
+    res, unravel = _run(matvec, b, save_iterates=True, **options)
     to_tree = unravel if unravel is not None else (lambda v: v)
     j, f_j = backtrack(res, lambda v: loss_of(to_tree(v)))
     d = to_tree(jax.tree.map(lambda s: s[j], res.saved))
     return _unraveled(res, unravel), d, res.saved_steps[j], f_j
 
 
-def _run(matvec, b, *, x0, maxiter, preconditioner, **options):
+def _run(matvec, b, *, x0=None, maxiter=50, preconditioner=None, **options):
     """`_cg` on `b` raveled when its leaves share a dtype; the result and the unravel (or
-    None)."""
+    None). `options`: `cg`'s tol, atol, martens_stop, save_iterates."""
     if int(maxiter) < 1:
         raise ValueError(f"maxiter: expected an integer >= 1, got {maxiter}")
-    options["maxiter"] = int(maxiter)
+    defaults = {"tol": 1e-5, "atol": 0.0, "martens_stop": False, "save_iterates": False}
+    options = {**defaults, **options, "maxiter": int(maxiter)}
     matvec = as_matvec(matvec)
     precond = as_matvec(preconditioner) if preconditioner is not None else None
     if not _tree.ravels(b):
