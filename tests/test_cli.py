@@ -107,10 +107,14 @@ def test_compare_on_two_devices_matches_one_device(compared, tmp_path):
         a, b = one["results"][name], two["results"][name]
         assert b["metrics"]["steps"] == a["metrics"]["steps"]
         # Sums over the batch are reduced in another order on 2 devices: float32 rounding
-        # differs, and an adaptive method (CG, LM damping) amplifies it step by step. After 8
-        # steps the runs agree to 1e-3; after 32 (measured: 0.8% for ngd-fisher) to 2%.
+        # differs, and an adaptive method (CG, LM damping) amplifies it step by step. SGD's
+        # losses agree to float32 rounding (measured: equal digits). ngd-fisher's after 8 steps
+        # move by ~2e-3 with any change of summation order, on one device too: measured 1.9596
+        # / 1.9603 (one device, two commits whose CG differs only in where r₀ is computed) and
+        # 1.9585 / 1.9619 (two devices); so 5e-3 there, and after 32 steps (0.8 %) 2 %.
         first, last = (b["curve"][1], a["curve"][1]), (b["curve"][-1], a["curve"][-1])
-        assert first[0]["train_loss"] == pytest.approx(first[1]["train_loss"], rel=1e-3), name
+        rel = 1e-5 if name == "sgd" else 5e-3
+        assert first[0]["train_loss"] == pytest.approx(first[1]["train_loss"], rel=rel), name
         assert last[0]["train_loss"] == pytest.approx(last[1]["train_loss"], rel=2e-2), name
         assert last[0]["train_loss"] < 0.7 * b["curve"][0]["train_loss"], name
 
