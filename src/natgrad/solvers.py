@@ -233,8 +233,9 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
 
     if warm:
         x = _tree.cast_like(x0, b)
-        # Placeholders the set-up trip replaces; ry = 1 keeps its unused β finite.
-        r, p = b, _tree.zeros_like(b)
+        # p = x₀ so that the set-up trip's product is A x₀, with no select on the product's
+        # input; r and ry are placeholders it replaces (ry = 1 keeps its unused β finite).
+        r, p = b, x
         ry = jnp.ones((), dtype)
         phi0 = jnp.zeros((), dtype)
         converged0 = jnp.bool_(False)
@@ -278,7 +279,7 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
 
     def body(s: _State) -> _State:
         setup = s.setup
-        ap = matvec(_tree.where(setup, x, s.p) if warm else s.p)
+        ap = matvec(s.p)  # on the set-up trip A x₀
         pap = _tree.vdot(s.p, ap)
         alpha = s.ry / pap
         # A bad pᵀAp keeps x and r (the last good iterate). The select reads a scalar known
