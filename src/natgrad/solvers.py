@@ -222,8 +222,8 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
     With a warm start the loop's first trip is a set-up trip: it computes r₀ = b − A x₀ and
     y₀ = M⁻¹ r₀ with the loop body's own product and preconditioner (selects pick the set-up's
     values), so the compiled program holds one copy of each rather than one before the loop and
-    one in it (each copy of a network's product is ~20 kernels to compile, ~20 % of a natural
-    gradient step's program). It is not counted as an iteration.
+    one in it (a copy of a 784-128-10 MLP's product is ~17 kernels to compile, ~15 % of natural
+    gradient's step program). It is not counted as an iteration.
     """
     warm = x0 is not None
     precond = preconditioner if preconditioner is not None else (lambda r: r)
