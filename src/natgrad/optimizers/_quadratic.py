@@ -39,16 +39,15 @@ def along(mu, previous, res: DirectionResult, grads, lam, problem) -> tuple:
     """(s, {"gs", "sqs", "sas", "sfs"}, the μ taken); `problem` = (apply_fn, loss, params,
     batch) for sᵀFs and the exact curvature of adaptive momentum."""
     dtype = lam.dtype
-    if mu == ADAPTIVE:
+    model, damped = res.model, res.damped_model
+    if mu == ADAPTIVE:  # the exact curvature, undamped, even where the direction's is not
         s, qs, model, mu = _adaptive(previous, res, grads, lam, problem)
         damped = False
     elif mu:
         s = _tree.axpy(mu, previous, res.d)
-        model, damped = res.model, res.damped_model
         qs = model.mv(s)
     else:
         s = res.d
-        model, damped = res.model, res.damped_model
         qs = model.mv(s) if res.qd is None else res.qd
     sqs = _tree.vdot(s, qs).astype(dtype)
     sas = sqs if damped else sqs + lam * _tree.vdot(s, s).astype(dtype)
