@@ -136,6 +136,39 @@ def test_kfac_step_is_optimal_on_its_span_under_the_exact_ggn():
     assert cos < 1 - 1e-6
 
 
+@pytest.mark.parametrize("momentum", [0.0, "adaptive"])
+def test_hessian_free_quadratic_model_from_cg_phi_matches_the_dense_ggn(momentum):
+    """Hessian-free's direction is a backtracked CG iterate: its dᵀCd comes from CG's φ, not a
+    product. The step's recorded KL, ½ pᵀCp (C = the GGN), and, with adaptive momentum, the
+    optimality of p on span{d, s_prev} are checked against the dense float64 GGN."""
+    params, batch = problem(1)
+    _, batch2 = problem(2)
+    opt = natgrad.hessian_free(
+        mlp_apply,
+        CE,
+        damping=LAM,
+        maxiter=8,
+        momentum=momentum,
+        step_rule="quadratic",
+        learning_rate=1e6,
+        reject_rises=False,
+    )
+    params1, u1, u2, state1, state2 = two_steps(opt, mlp_apply, params, [batch, batch2])
+    for p_, b_, u, state in ((params, batch, u1, state1), (params1, batch2, u2, state2)):
+        c = oracles.ggn(mlp_apply, CE, p_, b_)
+        p = flat(u)
+        np.testing.assert_allclose(float(state.step_kl), 0.5 * p @ c @ p, rtol=1e-8)
+    if momentum == "adaptive":
+        g2 = oracles.gradient(mlp_apply, CE, params1, batch2)
+        m = oracles.ggn(mlp_apply, CE, params1, batch2) + LAM * np.eye(len(g2))
+        p, s1 = flat(u2), flat(state1.momentum)
+        residual = m @ p + g2
+        scale = np.linalg.norm(g2)
+        assert abs(residual @ p) <= 1e-9 * scale * np.linalg.norm(p)
+        assert abs(residual @ s1) <= 1e-9 * scale * np.linalg.norm(s1)
+        assert float(state2.momentum_coefficient) != 0.0
+
+
 @pytest.mark.parametrize("make", [natgrad.natural_gradient, natgrad.hessian_free, natgrad.kfac])
 @pytest.mark.parametrize("value", ["adaptve", "Adaptive", 1.0, -0.1])
 def test_bad_momentum_names_itself(make, value):

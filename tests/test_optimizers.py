@@ -507,3 +507,27 @@ def test_curvature_examples_are_strided_and_at_most_n():
         batch = (x[:128], y[:128])
         got, whole = curvature_examples(batch, n)
         assert whole and got is batch
+
+
+@pytest.mark.parametrize("make", [natgrad.natural_gradient, natgrad.hessian_free])
+def test_cg_optimisers_trace_one_curvature_product(make, monkeypatch):
+    # CG's loop body holds the one product with C: its quadratic model along d comes from CG
+    # (natural gradient: Cd from the residual; Hessian-free's backtracked iterate: dᵀCd from
+    # its saved φ), not from another product after the loop.
+    from natgrad.curvature import CurvatureOperator
+
+    calls = []
+    original = CurvatureOperator.mv
+
+    def counted(self, v):
+        calls.append(1)
+        return original(self, v)
+
+    monkeypatch.setattr(CurvatureOperator, "mv", counted)
+    params, (x, y) = small_mlp_problem(3)
+    opt = make(mlp_apply, CE)
+    grads = jax.grad(lambda p: CE.mean(mlp_apply(p, x), y))(params)
+    jax.jit(lambda g, s, p: opt.update(g, s, p, batch=(x, y))).lower(
+        grads, opt.init(params), params
+    )
+    assert len(calls) == 1

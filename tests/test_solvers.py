@@ -310,7 +310,7 @@ def test_cg_backtrack_is_cg_with_saved_iterates_then_backtrack():
     # A loss least at the 5th iterate, so backtracking steps back from the 7th to it.
     target = flat(jax.tree.map(lambda s: s[0], ref.saved))
     loss_of = lambda t: jnp.sum((flat(t) - target) ** 2)  # noqa: E731
-    res, d, kept, f_d = solvers.cg_backtrack(matvec, b, loss_of, **options)
+    res, d, kept, f_d, phi = solvers.cg_backtrack(matvec, b, loss_of, **options)
     j, f_j = solvers.backtrack(ref, loss_of)
     for leaf in ("u", "v"):
         np.testing.assert_allclose(d[leaf], ref.saved[leaf][j], rtol=1e-12)
@@ -318,3 +318,30 @@ def test_cg_backtrack_is_cg_with_saved_iterates_then_backtrack():
         np.testing.assert_allclose(res.x[leaf], ref.x[leaf], rtol=1e-12)
     assert int(kept) == int(ref.saved_steps[j]) and float(f_d) == pytest.approx(float(f_j))
     assert int(kept) == 5 < int(res.iterations)  # it did step back
+    x = np.asarray(flat(d))
+    np.testing.assert_allclose(float(phi), 0.5 * x @ a @ x - flat(b) @ x, rtol=1e-10)
+
+
+@pytest.mark.parametrize("martens_stop", [False, True])
+@pytest.mark.parametrize("warm", [False, True])
+def test_saved_iterates_carry_their_phi(martens_stop, warm):
+    a = spd(jax.random.PRNGKey(7), 30)
+    b = jax.random.normal(jax.random.PRNGKey(8), (30,))
+    x0 = 0.1 * b if warm else None
+    res = solvers.cg(
+        lambda v: a @ v,
+        b,
+        x0=x0,
+        maxiter=20,
+        tol=0.0,
+        martens_stop=martens_stop,
+        save_iterates=True,
+    )
+    used = np.asarray(res.saved_steps) >= 0
+    assert used.sum() >= 3
+    for slot in np.flatnonzero(used):
+        x = np.asarray(res.saved[slot])
+        expected = 0.5 * x @ np.asarray(a) @ x - np.asarray(b) @ x
+        np.testing.assert_allclose(float(res.saved_phi[slot]), expected, rtol=1e-9)
+    assert np.isnan(np.asarray(res.saved_phi)[~used]).all()
+    np.testing.assert_allclose(float(res.phi), float(res.saved_phi[used][-1]), rtol=1e-12)

@@ -20,7 +20,9 @@ What optimisation adds (Martens 2010, "Deep learning via Hessian-free optimizati
   last good iterate, flagged (so does a non-finite pᵀAp); a non-finite φ or rᵀM⁻¹r after an
   update (overflow, a failing preconditioner) ends with status ``nonfinite`` and that update's
   iterate, which callers must not use (natgrad's optimisers reject the step);
-* the iterates at i = ⌈5·1.3ʲ⌉ saved for Hessian-free backtracking, plus the last one.
+* the iterates at i = ⌈5·1.3ʲ⌉ saved for Hessian-free backtracking, plus the last one, each
+  with its φ (free, as above), so that the quadratic model at the iterate backtracking keeps
+  costs no product: x_jᵀA x_j = 2(φ(x_j) + bᵀx_j).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from natgrad import _tree
 from natgrad.operators import Operator, as_matvec
 
 __all__ = [
+    "Backtracked",
     "CGResult",
     "cg",
     "cg_backtrack",
@@ -72,6 +75,7 @@ class CGResult(NamedTuple):
       saved: iterates at `saved_steps` (leading axis per leaf), or None if not requested.
       saved_steps: iteration index of each saved slot, −1 where unused; the last used slot
         always holds the final x.
+      saved_phi: φ of each saved iterate (NaN where unused), or None.
     """
 
     x: PyTree
@@ -82,6 +86,25 @@ class CGResult(NamedTuple):
     phi: jax.Array
     saved: PyTree | None
     saved_steps: jax.Array | None
+    saved_phi: jax.Array | None = None
+
+
+class Backtracked(NamedTuple):
+    """What `cg_backtrack` returns.
+
+    Attributes:
+      result: CG's `CGResult` (with saved iterates).
+      d: the saved iterate backtracking kept.
+      kept_iteration: the CG iteration d is from.
+      loss: ``loss_of(d)``.
+      phi: φ(d) = ½ dᵀA d − bᵀd, so dᵀA d = 2(φ + bᵀd) with no product.
+    """
+
+    result: CGResult
+    d: PyTree
+    kept_iteration: jax.Array
+    loss: jax.Array
+    phi: jax.Array
 
 
 def _phi(x, b, r) -> jax.Array:
@@ -162,20 +185,20 @@ def cg_backtrack(
     b: PyTree,
     loss_of: Callable[[PyTree], jax.Array],
     **options,
-) -> tuple[CGResult, PyTree, jax.Array, jax.Array]:
+) -> Backtracked:
     """``cg(matvec, b, save_iterates=True, **options)`` followed by `backtrack` with `loss_of`.
 
-    `options` are `cg`'s (x0, maxiter, tol, atol, preconditioner, martens_stop). Returns
-    ``(result, d, kept_iteration, loss)``: d is the saved iterate kept, the CG iteration it is
-    from and ``loss_of(d)``. The same as the two calls, but the backtracking reads CG's saved
-    iterates as the one raveled buffer CG wrote them to, not split into leaves (a copy of every
-    saved iterate, and kernels, in the compiled program).
+    `options` are `cg`'s (x0, maxiter, tol, atol, preconditioner, martens_stop). Returns a
+    `Backtracked`: the saved iterate d kept, the CG iteration it is from, ``loss_of(d)`` and
+    φ(d). The same as the two calls, but the backtracking reads CG's saved iterates as the one
+    raveled buffer CG wrote them to, not split into leaves (a copy of every saved iterate, and
+    kernels, in the compiled program).
     """
     res, unravel = _run(matvec, b, save_iterates=True, **options)
     to_tree = unravel if unravel is not None else (lambda v: v)
     j, f_j = backtrack(res, lambda v: loss_of(to_tree(v)))
     d = to_tree(jax.tree.map(lambda s: s[j], res.saved))
-    return _unraveled(res, unravel), d, res.saved_steps[j], f_j
+    return Backtracked(_unraveled(res, unravel), d, res.saved_steps[j], f_j, res.saved_phi[j])
 
 
 def _run(matvec, b, *, x0=None, maxiter=50, preconditioner=None, **options):
@@ -226,6 +249,7 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
     gradient's step program). It is not counted as an iteration.
     """
     warm = x0 is not None
+    track_phi = martens_stop or save_iterates  # φ of every iterate, in phi_hist
     precond = preconditioner if preconditioner is not None else (lambda r: r)
     bnorm = _tree.norm(b)
     threshold = jnp.maximum(tol * bnorm, atol)
@@ -296,12 +320,12 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
         p_step = _tree.axpy(ry_new / s.ry, s.p, y_new)
         p_new = _tree.where(setup, y_new, p_step) if warm else p_step
         i = jnp.where(setup, s.i, s.i + 1)
-        # Two passes over the vectors only when something reads them: φ for Martens' rule (else
-        # it is computed once, after the loop; an x that overflows shows in rᵀM⁻¹r too), ‖r‖
-        # apart from rᵀM⁻¹r when M ≠ I.
+        # Two passes over the vectors only when something reads them: φ for Martens' rule and
+        # for saved iterates (else it is computed once, after the loop; an x that overflows
+        # shows in rᵀM⁻¹r too), ‖r‖ apart from rᵀM⁻¹r when M ≠ I.
         finite = (jnp.isfinite(pap) | setup) & jnp.isfinite(ry_new)
         phi_hist = s.phi_hist
-        if martens_stop:
+        if track_phi:
             phi = _phi(x_new, b, r_new)
             phi_hist = phi_hist.at[i].set(phi)
             finite = finite & jnp.isfinite(phi)
@@ -354,6 +378,11 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
         last_is_final = (used > 0) & (saved_steps[jnp.maximum(used - 1, 0)] == final.i)
         slot = jnp.where(last_is_final, used - 1, used)
         saved, saved_steps = _save(saved, saved_steps, slot, final.x, final.i)
+        saved_phi = jnp.where(
+            saved_steps >= 0, final.phi_hist[jnp.maximum(saved_steps, 0)], jnp.nan
+        )
+    else:
+        saved_phi = None
 
     return CGResult(
         x=final.x,
@@ -361,9 +390,10 @@ def _cg(matvec, b, *, x0, maxiter, tol, atol, preconditioner, martens_stop, save
         status=final.status,
         residual=final.r,
         residual_norm=_tree.norm(final.r),
-        phi=final.phi_hist[final.i] if martens_stop else _phi(final.x, b, final.r),
+        phi=final.phi_hist[final.i] if track_phi else _phi(final.x, b, final.r),
         saved=saved,
         saved_steps=saved_steps,
+        saved_phi=saved_phi,
     )
 
 

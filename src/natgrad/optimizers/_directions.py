@@ -10,7 +10,8 @@ rule and ρ use, and solver statistics.
   warm-started from x₀; Q = C. CG's residual r = g − (C + λI) d gives Cd = g − r − λd for free.
 * `cg_backtracking` (Hessian-free, Martens 2010 §4.6): CG as above, saving the iterates at
   i = ⌈5·1.3ʲ⌉; starting from the last, step back to the previous iterate while its loss
-  f(θ − d) is lower. d is the iterate kept; the warm start stays CG's last solution.
+  f(θ − d) is lower. d is the iterate kept; the warm start stays CG's last solution. CG's φ
+  at d gives dᵀQd = 2(φ(d) + gᵀd) − λdᵀd with no product.
 * `dense_solve`: d = (C + λI)⁻¹ g exactly, C = RᵀR formed from the Jacobian (`natgrad.dense`),
   Cholesky in the primal (n×n) or Woodbury (rows×rows) form, whichever is smaller; Q = C. For
   small models (PINNs: Müller & Zeinhofer 2023's energy natural gradient), where CG on an
@@ -50,6 +51,7 @@ class DirectionResult(NamedTuple):
     finite: jax.Array
     damped_model: bool = False  # Q already includes λ
     qd: PyTree | None = None  # Q d when it came for free
+    dqd: jax.Array | None = None  # dᵀQd when it came for free (and Q d did not)
     keep: PyTree | None = None  # what the next step warm-starts from (None: d)
     iterations: jax.Array = 0
     status: jax.Array = 0  # natgrad.solvers.STATUS_NAMES index
@@ -99,17 +101,21 @@ def cg_backtracking(*, maxiter: int, tol: float, martens_stop: bool) -> Directio
     """CG with saved iterates and Martens' backtracking over them; Q = C."""
 
     def compute(inputs: DirectionInputs) -> DirectionResult:
-        one = jnp.asarray(1.0, inputs.damping.dtype)
-        res, d, kept, f_d = solvers.cg_backtrack(
-            operators.damped(inputs.op, inputs.damping),
+        lam = inputs.damping
+        one = jnp.asarray(1.0, lam.dtype)
+        res, d, kept, f_d, phi = solvers.cg_backtrack(
+            operators.damped(inputs.op, lam),
             inputs.grads,
             lambda v: inputs.trial(v, one),
             **_cg_options(inputs, maxiter=maxiter, tol=tol, martens_stop=martens_stop),
         )
+        # φ(d) = ½dᵀ(C + λI)d − gᵀd, CG's (from its recursive residual, as cg_solve's Q d).
+        dad = 2.0 * (phi + _tree.vdot(inputs.grads, d)).astype(lam.dtype)
         return DirectionResult(
             d,
             inputs.op,
             _finite(res),
+            dqd=dad - lam * _tree.vdot(d, d).astype(lam.dtype),
             keep=res.x,
             kept_iteration=kept,
             f_unit=f_d,

@@ -18,8 +18,9 @@ q(p) = gᵀp + ½ pᵀ(C + λI)p over span{d, s_prev}, C the batch's exact curva
 
 so μ = c / a and s = d + μ s_prev; the optimum along that s is α = a, what the ``"quadratic"``
 step rule returns (kfac-jax's adaptive learning rate), while ``"kl"`` caps the same s by its
-trust region. C is the direction's own curvature when it is exact (CG's: Cd comes free), else
-(K-FAC, whose Q is its approximation M) the GGN on the curvature examples, two products. Where
+trust region. C is the direction's own curvature when it is exact (CG's: Cd, or for
+Hessian-free's backtracked iterate dᵀCd, comes free; one product, C s_prev), else (K-FAC, whose
+Q is its approximation M) the GGN on the curvature examples, two products. Where
 the 2×2 system has no positive-definite solution with a > 0 (the first step, s_prev = 0, an
 indefinite Hessian, a non-finite product), μ = 0: the step falls back to d.
 """
@@ -41,43 +42,51 @@ def along(mu, previous, res: DirectionResult, grads, lam, problem) -> tuple:
     dtype = lam.dtype
     model, damped = res.model, res.damped_model
     if mu == ADAPTIVE:  # the exact curvature, undamped, even where the direction's is not
-        s, qs, model, mu = _adaptive(previous, res, grads, lam, problem)
+        s, sqs, model, mu = _adaptive(previous, res, grads, lam, problem)
         damped = False
     elif mu:
         s = _tree.axpy(mu, previous, res.d)
-        qs = model.mv(s)
+        sqs = _dot(s, model.mv(s), dtype)
     else:
         s = res.d
-        qs = model.mv(s) if res.qd is None else res.qd
-    sqs = _tree.vdot(s, qs).astype(dtype)
-    sas = sqs if damped else sqs + lam * _tree.vdot(s, s).astype(dtype)
+        sqs = _d_q_d(res, model, dtype)
+    sas = sqs if damped else sqs + lam * _dot(s, s, dtype)
     if model.psd:
         sfs = sqs
     else:  # the KL's second-order term is the Fisher (= GGN), not an indefinite Hessian
-        sfs = _tree.vdot(s, curvature_lib.ggn(*problem).mv(s)).astype(dtype)
-    gs = _tree.vdot(grads, s).astype(dtype)
+        sfs = _dot(s, curvature_lib.ggn(*problem).mv(s), dtype)
+    gs = _dot(grads, s, dtype)
     return s, {"gs": gs, "sqs": sqs, "sas": sas, "sfs": sfs}, jnp.asarray(mu, dtype)
 
 
+def _dot(u, v, dtype):
+    return _tree.vdot(u, v).astype(dtype)
+
+
+def _d_q_d(res: DirectionResult, model, dtype):
+    """dᵀQd: the direction's own when it came free, else from Q d (one product if not free)."""
+    if res.dqd is not None:
+        return jnp.asarray(res.dqd, dtype)
+    return _dot(res.d, model.mv(res.d) if res.qd is None else res.qd, dtype)
+
+
 def _adaptive(previous, res: DirectionResult, grads, lam, problem) -> tuple:
-    """(s, C s, C, μ) of adaptive momentum (module docstring)."""
+    """(s, sᵀC s, C, μ) of adaptive momentum (module docstring)."""
     dtype = lam.dtype
     d = res.d
     if res.damped_model:  # the direction's model is an approximation: the exact GGN instead
         model = curvature_lib.ggn(*problem)
-        cd = model.mv(d)
+        dcd = _dot(d, model.mv(d), dtype)
     else:
         model = res.model
-        cd = model.mv(d) if res.qd is None else res.qd
+        dcd = _d_q_d(res, model, dtype)
     cp = model.mv(previous)
+    dcp, pcp = _dot(d, cp, dtype), _dot(previous, cp, dtype)
 
-    def dot(u, v):
-        return _tree.vdot(u, v).astype(dtype)
-
-    a11 = dot(d, cd) + lam * dot(d, d)
-    a12 = dot(d, cp) + lam * dot(d, previous)
-    a22 = dot(previous, cp) + lam * dot(previous, previous)
-    b1, b2 = dot(grads, d), dot(grads, previous)
+    a11 = dcd + lam * _dot(d, d, dtype)
+    a12 = dcp + lam * _dot(d, previous, dtype)
+    a22 = pcp + lam * _dot(previous, previous, dtype)
+    b1, b2 = _dot(grads, d, dtype), _dot(grads, previous, dtype)
     det = a11 * a22 - a12 * a12
     # Positive definite with room to spare (a relative gap, so rounding cannot pass a singular
     # system: s_prev = 0 gives det = 0), and a descent coefficient a > 0 on d.
@@ -88,4 +97,5 @@ def _adaptive(previous, res: DirectionResult, grads, lam, problem) -> tuple:
     ok = solvable & (a > 0) & jnp.isfinite(a) & jnp.isfinite(c)
     mu = jnp.where(ok, c / jnp.where(ok, a, 1.0), 0.0)
     s = _tree.axpy(mu, previous, d)
-    return s, _tree.axpy(mu, cp, cd), model, mu
+    # sᵀCs = dᵀCd + 2μ dᵀC s_prev + μ² s_prevᵀC s_prev, from the scalars above.
+    return s, dcd + 2.0 * mu * dcp + mu * mu * pcp, model, mu
