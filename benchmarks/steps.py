@@ -24,13 +24,16 @@ from natgrad.experiments import training
 
 def lineup(apply_fn, loss):
     """The experiments' lineup (`natgrad.experiments.lineup`) plus natural gradient with the
-    GGN and with the Hessian."""
+    GGN, with the Hessian, and with 10 unpreconditioned CG iterations."""
     ng = natgrad.natural_gradient
     model = SimpleNamespace(apply=apply_fn, loss=loss)
     hyper = experiments_lineup.resolve(experiments_lineup.default_lineup())
     opts = {name: experiments_lineup.build(name, h, model).transform for name, h in hyper.items()}
     opts["ngd-ggn"] = ng(apply_fn, loss, curvature="ggn")
     opts["ngd-hessian"] = ng(apply_fn, loss, curvature="hessian")
+    # The default until 2026-12-08 (10 plain CG iterations): the 2 + 1.2k budget prices CG's
+    # iterations, and this row has nothing else (no preconditioner's pass) in its step.
+    opts["ngd-plain"] = ng(apply_fn, loss, preconditioner=None, maxiter=10)
     return opts
 
 

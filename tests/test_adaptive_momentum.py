@@ -81,6 +81,7 @@ def test_natural_gradient_step_is_the_dense_two_dimensional_optimum():
         curvature="ggn",
         damping=LAM,
         maxiter=1,
+        preconditioner=None,  # d = (gᵀg / gᵀ(C + λI)g) g in closed form
         warm_start=0.0,
         momentum="adaptive",
         step_rule="quadratic",

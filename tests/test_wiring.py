@@ -139,6 +139,25 @@ def test_hessian_free_default_preconditioner_changes_cg():
     assert its["none"] != its["martens"], its
 
 
+def test_natural_gradient_default_is_five_iterations_preconditioned_by_martens_diagonal():
+    params, batch = tiny_problem(3)
+    g = grad_of(params, batch)
+
+    def run(**kwargs):
+        opt = natgrad.natural_gradient(mlp_apply, CE, damping=1e-3, tol=0.0, **kwargs)
+        return jitted_update(opt)(g, opt.init(params), params, batch=batch)
+
+    updates, state = run()
+    explicit, _ = run(preconditioner=preconditioners.martens_diagonal(), maxiter=5)
+    plain, _ = run(preconditioner=None, maxiter=5)
+    assert int(state.cg_iterations) == 5
+    np.testing.assert_allclose(flat(updates), flat(explicit), rtol=1e-12)
+    assert np.linalg.norm(flat(updates) - flat(plain)) > 1e-3 * np.linalg.norm(flat(plain))
+    # The exact solve has nothing to precondition: "martens" leaves it alone.
+    dense = natgrad.natural_gradient(mlp_apply, CE, solver="dense")
+    assert dense.init(params).preconditioner_state is None
+
+
 def dense_mlp(params, x):
     for layer in params[:-1]:
         x = jnp.tanh(layers.dense(layer, x))

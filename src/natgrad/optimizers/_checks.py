@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from natgrad.losses import Loss
-from natgrad.preconditioners import Preconditioner
+from natgrad.preconditioners import Preconditioner, martens_diagonal
 
 
 def loss(value) -> Loss:
@@ -67,6 +67,19 @@ def preconditioner(value) -> Preconditioner | None:
         f"preconditioner: expected None or a natgrad.preconditioners.Preconditioner, "
         f"got {type(value).__name__}"
     )
+
+
+def cg_preconditioner(value, solver: str):
+    """A CG factory's `preconditioner=`: ``"martens"`` is `martens_diagonal()` for CG and None
+    for ``solver="dense"`` (an exact solve has nothing to precondition); other strings are
+    refused; the rest is checked by `shared`."""
+    if isinstance(value, str):
+        if value != "martens":
+            raise ValueError(
+                f"preconditioner: expected 'martens', None or a Preconditioner, got {value!r}"
+            )
+        return martens_diagonal() if solver == "cg" else None
+    return value
 
 
 def warm_start(value) -> float:

@@ -30,7 +30,7 @@ from natgrad import curvature as curvature_lib
 from natgrad import step_rules
 from natgrad.damping import DampingRule, as_rule
 from natgrad.optimizers import _checks, _directions, _pipeline, defaults
-from natgrad.preconditioners import Preconditioner, martens_diagonal
+from natgrad.preconditioners import Preconditioner
 
 __all__ = ["hessian_free"]
 
@@ -66,7 +66,8 @@ def hessian_free(
       momentum: μ of heavy-ball momentum on the direction (0 disables; Martens used none, the
         CG warm start plays its part); ``"adaptive"``: μ from the damped quadratic model over
         span{d, s_prev} (as in `natural_gradient`).
-      preconditioner: ``"martens"`` (default, `martens_diagonal()`), None, or a `Preconditioner`.
+      preconditioner: ``"martens"`` (default: `martens_diagonal()` for CG, none for
+        ``solver="dense"``), None, or a `Preconditioner`.
       curvature: ``"ggn"`` (Martens' choice); any `natgrad.curvature` name or object works.
       step_rule: ``"line_search"`` (default, with `armijo_c`, `armijo_shrink`, `max_linesearch`)
         or any `natgrad.step_rules` rule.
@@ -86,13 +87,7 @@ def hessian_free(
     """
     if step_rule == "line_search":
         step_rule = step_rules.line_search(armijo_c, armijo_shrink, max_linesearch)
-    if isinstance(preconditioner, str):
-        if preconditioner != "martens":
-            raise ValueError(
-                f"preconditioner: expected 'martens', None or a Preconditioner, "
-                f"got {preconditioner!r}"
-            )
-        preconditioner = martens_diagonal()
+    preconditioner = _checks.cg_preconditioner(preconditioner, solver)
     parts = _pipeline.Parts(
         name="hessian_free",
         curvature=curvature_lib.resolve(curvature),

@@ -3,8 +3,9 @@ r"""Natural gradient descent as an optax transformation.
 The pipeline of `natgrad.optimizers` (curvature → direction → step rule → damping → guard) with
 these parts, given the gradient g, the curvature C of the mean loss on the batch and λ:
 
-1. Direction: (C + λI) d = g solved by CG (`solver="cg"`), warm-started from `warm_start` × the
-   previous d, preconditioned by `preconditioner` if given; or exactly (`solver="dense"`).
+1. Direction: (C + λI) d = g solved by CG (`solver="cg"`: 5 iterations preconditioned by
+   Martens' diagonal M = (diag(empirical Fisher) + λ)^¾ by default), warm-started from
+   `warm_start` × the previous d; or exactly (`solver="dense"`).
 2. Momentum (optional): s = d + μ s_prev.
 3. Step size (`step_rule`, `natgrad.step_rules`): ``"kl"`` (default) α = min(lr, sqrt(2δ/sᵀFs)),
    a trust region of radius δ = `kl_radius` in the KL of the output distributions, F = C (or the
@@ -44,12 +45,12 @@ def natural_gradient(
     learning_rate: float | optax.Schedule = 1.0,
     damping: float | DampingRule | None = None,
     momentum: float = 0.0,
-    preconditioner: Preconditioner | None = None,
+    preconditioner: Preconditioner | None | str = "martens",
     curvature: str | curvature_lib.Curvature = "fisher",
     step_rule: str | step_rules.StepRule = "kl",
     kl_radius: float = defaults.KL_RADIUS,
     solver: str = "cg",
-    maxiter: int = 10,
+    maxiter: int = defaults.NATURAL_GRADIENT_MAXITER,
     tol: float = 1e-6,
     martens_stop: bool = False,
     warm_start: float = defaults.WARM_START,
@@ -71,7 +72,11 @@ def natural_gradient(
         ``"adaptive"``: μ, with α under ``step_rule="quadratic"``, minimising the damped
         quadratic model over span{d, s_prev} with exact curvature products (kfac-jax's
         adaptive learning rate and momentum; one product more a step).
-      preconditioner: a `natgrad.preconditioners.Preconditioner` for CG, or None.
+      preconditioner: CG's: ``"martens"`` (default: Martens' diagonal,
+        `natgrad.preconditioners.martens_diagonal()`, from the batch's per-example gradients;
+        none for ``solver="dense"``), None, or a `natgrad.preconditioners.Preconditioner`.
+        With it CG takes `maxiter` = 5 iterations by default (`defaults.NATURAL_GRADIENT_MAXITER`
+        says what that was measured against).
       curvature: ``"fisher" | "fisher_mc" | "empirical_fisher" | "ggn" | "hessian"`` or a
         `natgrad.curvature.Curvature`.
       step_rule: ``"kl"`` (default), ``"quadratic"``, ``"fixed"``, ``"line_search"`` or a
@@ -102,6 +107,7 @@ def natural_gradient(
         updates, state = opt.update(grads, state, params, batch=(x, y))
         params = optax.apply_updates(params, updates)
     """
+    preconditioner = _checks.cg_preconditioner(preconditioner, solver)
     parts = _pipeline.Parts(
         name="natural_gradient",
         curvature=curvature_lib.resolve(
