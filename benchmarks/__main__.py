@@ -13,6 +13,7 @@ from benchmarks import timing
 BENCHMARKS = (
     "curvature",
     "steps",
+    "phases",
     "kfac",
     "compile_time",
     "time_to_target",

@@ -103,6 +103,34 @@ def bench_steps(sizes, batch_size, rounds: int, period: int) -> dict:
     return {"model": list(sizes), "batch_size": batch_size, "optimizers": rows}
 
 
+def phase_functions(apply_fn, loss, params, data, key, input_factor_rank, output_factor_rank):
+    """K-FAC's three phases as jitted functions — the statistics pass folded into the averages
+    ``(state, params, data, key)``, the inverse refresh ``(state)`` and the application
+    A⁻¹ V G⁻¹ ``(state, grads)`` — and a state after one of each (λ = 1e-3)."""
+    pre = preconditioners.kfac(
+        statistics_every=1,
+        inverse_every=1,
+        input_factor_rank=input_factor_rank,
+        output_factor_rank=output_factor_rank,
+    )
+    state = pre.init(params)
+
+    def statistics_pass(state, params, data, key):
+        sketches = kronecker.sketches(state)
+        stats, registered, _ = kronecker.statistics(
+            apply_fn, loss, params, data, key=key, sketches=sketches
+        )
+        return kronecker.update(state, stats, 1e-3, registered, ema_decay=0.95, refresh=False)
+
+    stats_fn = jax.jit(statistics_pass)
+    state = stats_fn(state, params, data, key)
+    registered = (True,) * len(state.factors.a)
+    inverse_fn = jax.jit(lambda st, r=registered: kronecker.refresh_inverses(st, 1e-3, r, True))
+    state = inverse_fn(state)
+    apply_inv = jax.jit(lambda st, g, r=registered: kronecker.apply_inverse(st, 1e-3, r, g))
+    return stats_fn, inverse_fn, apply_inv, state
+
+
 def bench_phases(sizes, batch_size, repeats: int) -> dict:
     """Each phase of a K-FAC step ÷ an SGD step, and their amortised sum: with the default
     rank-32 inverses of the wide factors and with exact ones (the statistics are the same pass)."""
@@ -124,27 +152,9 @@ def bench_phases(sizes, batch_size, repeats: int) -> dict:
         "exact": (None, None),
     }
     for name, (rank_a, rank_g) in variants.items():
-        pre = preconditioners.kfac(
-            statistics_every=1,
-            inverse_every=1,
-            input_factor_rank=rank_a,
-            output_factor_rank=rank_g,
+        stats_fn, inverse_fn, apply_inv, state = phase_functions(
+            apply_fn, loss, params, data, key, rank_a, rank_g
         )
-        state = pre.init(params)
-
-        def statistics_pass(state, params, data, key):
-            sketches = kronecker.sketches(state)
-            stats, registered, _ = kronecker.statistics(
-                apply_fn, loss, params, data, key=key, sketches=sketches
-            )
-            return kronecker.update(state, stats, 1e-3, registered, ema_decay=0.95, refresh=False)
-
-        stats_fn = jax.jit(statistics_pass)
-        state = stats_fn(state, params, data, key)
-        registered = (True,) * len(state.factors.a)
-        inverse_fn = jax.jit(lambda st, r=registered: kronecker.refresh_inverses(st, 1e-3, r, True))
-        state = inverse_fn(state)
-        apply_inv = jax.jit(lambda st, g, r=registered: kronecker.apply_inverse(st, 1e-3, r, g))
         phases[f"statistics_{name}"] = partial(stats_fn, state, params, data, key)
         phases[f"inverses_{name}"] = partial(inverse_fn, state)
         phases[f"application_{name}"] = partial(apply_inv, state, grads)

@@ -25,7 +25,16 @@ from typing import Any
 __all__ = ["write", "markdown", "plot_curves", "plot_task", "write_lineup", "verdict", "main"]
 
 REPORT_NAME = "REPORT.md"
-KNOWN = ("time_to_target", "curvature", "steps", "kfac", "compile_time", "sharding", "charlm")
+KNOWN = (
+    "time_to_target",
+    "curvature",
+    "steps",
+    "phases",
+    "kfac",
+    "compile_time",
+    "sharding",
+    "charlm",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +281,24 @@ def steps_section(p: dict) -> list[str]:
     return lines
 
 
+def phases_section(p: dict) -> list[str]:
+    lines = [
+        f"MLP {fmt(p['model'])}, batch {p['batch_size']}: each default step split into its "
+        f"phases by ladders of variants (each rung one part fewer), {p['steps_per_sample']} "
+        f"steps a sample in one `lax.scan` (no per-call dispatch, so the ratios to SGD run higher "
+        f"than the dispatched steps above), {p['rounds']} interleaved rounds, medians; an SGD "
+        f"step {fmt(p['sgd_step_ms'])} ms.",
+        "",
+    ]
+    for name, row in p["optimizers"].items():
+        k = row.get("cg_iterations")
+        its = f", {fmt(k)} CG iterations on average" if k else ""
+        lines += [f"**{name}**: {fmt(row['step_ms'])} ms a step{its}.", ""]
+        rows = [[part, v["ms"], v["over_sgd"], v["percent"]] for part, v in row["phases"].items()]
+        lines += table(["phase", "ms", "÷ SGD step", "% of the step"], rows)
+    return lines
+
+
 def compile_section(p: dict) -> list[str]:
     fs, c = p["first_step"], p["cache"]
     rows = [
@@ -405,6 +432,7 @@ def charlm_section(payload: dict) -> list[str]:
 SECTIONS: dict[str, tuple[str, Callable[[dict], list[str]]]] = {
     "curvature": ("Curvature products", curvature_section),
     "steps": ("Optimiser steps", steps_section),
+    "phases": ("Where a step goes", phases_section),
     "kfac": ("K-FAC", generic_section),
     "compile_time": ("Compilation", compile_section),
     "sharding": ("Sharding", sharding_section),
