@@ -18,10 +18,8 @@ from __future__ import annotations
 import statistics
 
 import jax
-import optax
-from jax import lax
 
-from benchmarks.timing import command, machine, median_seconds, setup
+from benchmarks.timing import applied, command, machine, median_seconds, setup
 from natgrad import curvature
 
 # Samples per round of each timing (the gradient, build + 1 product, build + k products).
@@ -34,13 +32,7 @@ def _products(build, k):
     """jit: build the operator, apply it k times (normalising, so nothing overflows or folds)."""
 
     def run(params, data, key):
-        op = build(params, data, key)
-
-        def body(_, v):
-            w = op.mv(v)
-            return optax.tree.scale(1.0 / (optax.tree.norm(w) + 1e-30), w)
-
-        return lax.fori_loop(0, k, body, params)
+        return applied(build(params, data, key).mv, params, k)
 
     return jax.jit(run)
 

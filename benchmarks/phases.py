@@ -44,7 +44,7 @@ from jax import lax
 
 import natgrad
 from benchmarks import kfac as kfac_bench
-from benchmarks.timing import command, machine, median_seconds
+from benchmarks.timing import applied, command, machine, median_seconds
 from natgrad.experiments import data as data_lib
 from natgrad.experiments import models, training
 
@@ -135,17 +135,9 @@ def chain(opt, apply_fn, loss, batch_size):
 
 
 def application_chain(apply_inverse):
-    """jit: K-FAC's application `LENGTH` times in a loop, each on the last result normalised
-    (so nothing folds or overflows), as a sample of the steps is `LENGTH` steps in a scan."""
-
-    def run(state, grads):
-        def body(_, v):
-            w = apply_inverse(state, v)
-            return optax.tree.scale(1.0 / (optax.tree.norm(w) + 1e-30), w)
-
-        return lax.fori_loop(0, LENGTH, body, grads)
-
-    return jax.jit(run)
+    """jit: K-FAC's application `LENGTH` times in a loop (`benchmarks.timing.applied`), as a
+    sample of the steps is `LENGTH` steps in a scan."""
+    return jax.jit(lambda state, grads: applied(lambda v: apply_inverse(state, v), grads, LENGTH))
 
 
 def digits_problem():

@@ -12,11 +12,21 @@ from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax import lax
 
 from natgrad.experiments import cli, models
 from natgrad.experiments.report import machine_info as machine
 
-__all__ = ["median_seconds", "setup", "machine", "write_json", "command", "compilation_cache"]
+__all__ = [
+    "median_seconds",
+    "applied",
+    "setup",
+    "machine",
+    "write_json",
+    "command",
+    "compilation_cache",
+]
 
 
 def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
@@ -29,6 +39,17 @@ def median_seconds(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> f
         jax.block_until_ready(fn(*args))
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def applied(linear: Callable, v, times: int):
+    """`linear` applied `times` times from the pytree `v` in a `lax.fori_loop`, each result
+    normalised, so nothing folds or overflows: the loop that times a linear map's application."""
+
+    def body(_, u):
+        w = linear(u)
+        return optax.tree.scale(1.0 / (optax.tree.norm(w) + 1e-30), w)
+
+    return lax.fori_loop(0, times, body, v)
 
 
 def setup(sizes, batch_size: int):
