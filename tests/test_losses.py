@@ -109,21 +109,18 @@ def test_curvature_sqrt_squares_to_the_output_curvature(loss, out_dim):
         np.testing.assert_allclose(jnp.einsum("kbi,kbj->bij", q, q), h, atol=1e-12)
 
 
-def test_samples_are_jax_randoms_numbers_drawn_flat():
-    """`natgrad._random` draws on the flat shape (it compiles several times faster on XLA's CPU
-    backend); the numbers must be exactly jax.random's for the same key and shape."""
-    from natgrad import _random
-
+def test_samples_are_jax_randoms_numbers():
+    """The losses draw through `natgrad._random` (tests/test_random.py): a sample must be
+    exactly jax.random's for the same key."""
     key = jax.random.PRNGKey(7)
     logits = jax.random.normal(jax.random.PRNGKey(1), (5, 3, 4))
     np.testing.assert_array_equal(
-        _random.categorical(key, logits), jax.random.categorical(key, logits, axis=-1)
+        losses.softmax_cross_entropy().sample(key, logits),
+        jax.random.categorical(key, logits, axis=-1),
     )
     p = jax.nn.sigmoid(logits)
-    np.testing.assert_array_equal(_random.bernoulli(key, p), jax.random.bernoulli(key, p))
     np.testing.assert_array_equal(
-        _random.draw(jax.random.normal, key, (5, 3, 4), jnp.float32),
-        jax.random.normal(key, (5, 3, 4), jnp.float32),
+        losses.sigmoid_cross_entropy().sample(key, logits), jax.random.bernoulli(key, p)
     )
     y = losses.squared_error().sample(key, logits)
     np.testing.assert_array_equal(y, logits + jax.random.normal(key, logits.shape, logits.dtype))

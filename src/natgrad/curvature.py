@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from natgrad import _random
 from natgrad.losses import Loss
 from natgrad.operators import Operator, damped, identity
 
@@ -193,12 +194,12 @@ def _sampled_scores(loss: Loss, outputs, key: jax.Array, num_samples: int) -> ja
     """Scores s̃_s = ∇_z ℓ(z, ỹ_s) of `num_samples` targets ỹ_s ~ p(·|z), stacked: (S, B, ...).
 
     One sample (the default) is drawn from `key` itself, without a split (each derivation of a
-    key is a threefry loop for XLA to compile) and without `jax.vmap` (a vmapped draw compiled
-    to loops over the key on XLA's CPU backend).
+    key is one more threefry hash for XLA to compile) and without `jax.vmap` (a vmapped draw
+    compiled to loops over the key on XLA's CPU backend).
     """
     if num_samples == 1:
         return loss.score(outputs, loss.sample(key, outputs))[None]
-    keys = jax.random.split(key, num_samples)
+    keys = _random.split(key, num_samples)
     sampled = jax.vmap(lambda k: loss.sample(k, outputs))(keys)
     return jax.vmap(lambda t: loss.score(outputs, t))(sampled)
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from natgrad import _tree
+from natgrad import _random, _tree
 from natgrad.losses import Loss
 
 __all__ = [
@@ -171,7 +171,7 @@ def _positive(name: str, value) -> None:
 def _lanczos_flat(matvec, dim: int, dtype, key, num_iterations: int) -> LanczosResult:
     """Steps 1–2 of the module docstring on vectors of size `dim`."""
     m = num_iterations
-    k_start, k_restart = jax.random.split(key)
+    k_start, k_restart = _random.split(key)
     eps = jnp.finfo(dtype).eps
 
     def project_out(basis, w):
@@ -183,8 +183,8 @@ def _lanczos_flat(matvec, dim: int, dtype, key, num_iterations: int) -> LanczosR
         norm = jnp.linalg.norm(w)
         return w / jnp.where(norm > 0, norm, 1.0), norm
 
-    q0, _ = unit(jax.random.normal(k_start, (dim,), dtype))
-    spare = jax.random.normal(k_restart, (dim,), dtype)
+    q0, _ = unit(_random.normal(k_start, (dim,), dtype))
+    spare = _random.normal(k_restart, (dim,), dtype)
     basis = jnp.zeros((m + 1, dim), dtype).at[0].set(q0)
 
     def step(j, carry):
@@ -313,7 +313,7 @@ def spectral_density(
         _positive("log_floor", log_floor)
     results = jax.lax.map(
         lambda k: _lanczos_flat(matvec, flat.size, flat.dtype, k, m),
-        jax.random.split(key, num_probes),
+        _random.split(key, num_probes),
     )
     nodes, weights = results.ritz_values, results.ritz_weights
     x = nodes if log_floor is None else jnp.log10(jnp.maximum(nodes, log_floor))

@@ -115,13 +115,13 @@ def statistics(
     # cotangents get random signs. One sample (the default) draws its targets from `key`; the
     # exact Fisher's columns are not random and their signs take `key`.
     both = curvature.name == "fisher_mc" and curvature.num_samples > 1
-    k_factor, k_signs = jax.random.split(key) if key is not None and both else (key, key)
+    k_factor, k_signs = _random.split(key) if key is not None and both else (key, key)
     cts = curvature.output_factor(loss, outputs, targets, k_factor)
     many = cts.shape[0] > 1
     if many:
         # The diagonal block squares the summed cotangent: random signs per column make the
         # cross terms vanish in expectation, so B ḡ² stays unbiased for diag(F).
-        signs = _random.draw(jax.random.rademacher, k_signs, cts.shape[:2], cts.dtype)
+        signs = _random.rademacher(k_signs, cts.shape[:2], cts.dtype)
         cts = cts * signs.reshape(*signs.shape, *(1,) * (cts.ndim - 2))
         tag_cts, param_cts = jax.vmap(vjp_fn)(cts)
         # Σ ā āᵀ (and token counts) do not depend on the cotangent; every other sum adds up

@@ -190,7 +190,7 @@ class _SquaredError(Loss):
         return _sum_per_example(0.5 * jnp.square(outputs - targets))
 
     def sample(self, key, outputs):
-        return outputs + _random.draw(jax.random.normal, key, outputs.shape, outputs.dtype)
+        return outputs + _random.normal(key, outputs.shape, outputs.dtype)
 
     def kl(self, outputs_p, outputs_q):
         # KL(N(z_p, I) ‖ N(z_q, I)) = ½‖z_q − z_p‖².

@@ -169,15 +169,14 @@ def hutchinson_estimate(op: operators.Operator, key: jax.Array, num_probes: int)
     leaves, treedef = jax.tree.flatten(op.params)
 
     def probe(k):
-        keys = jax.random.split(k, len(leaves))
+        keys = _random.split(k, len(leaves))
         signs = [
-            _random.draw(jax.random.rademacher, kk, a.shape, a.dtype)
-            for kk, a in zip(keys, leaves, strict=True)
+            _random.rademacher(kk, a.shape, a.dtype) for kk, a in zip(keys, leaves, strict=True)
         ]
         v = jax.tree.unflatten(treedef, signs)
         return jax.tree.map(jnp.multiply, v, op.mv(v))
 
-    products = jax.vmap(probe)(jax.random.split(key, num_probes))
+    products = jax.vmap(probe)(_random.split(key, num_probes))
     return jax.tree.map(lambda p: jnp.mean(p, axis=0), products)
 
 

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from natgrad import _tree
+from natgrad import _random, _tree
 from natgrad.losses import Loss
 from natgrad.optimizers import _guard, _preconditioning, _quadratic
 from natgrad.optimizers._directions import DirectionInputs
@@ -169,7 +169,7 @@ def _curvature(apply_fn, loss, parts: Parts, params, batch, key) -> tuple:
     """Step 1 on the curvature examples: (them, whether they are the whole batch, C or None,
     C's key, the preconditioner's key)."""
     uses_op = parts.direction.uses_operator
-    k_curv, k_pre = jax.random.split(key) if uses_op and key is not None else (None, key)
+    k_curv, k_pre = _random.split(key) if uses_op and key is not None else (None, key)
     cbatch, whole = curvature_examples(batch, parts.curvature_batch)
     op = parts.curvature.operator(apply_fn, loss, params, cbatch, key=k_curv) if uses_op else None
     return cbatch, whole, op, k_curv, k_pre
