@@ -15,6 +15,7 @@ BENCHMARKS = (
     "steps",
     "phases",
     "kfac",
+    "inverses",
     "compile_time",
     "time_to_target",
     "sharding",
