@@ -84,6 +84,8 @@ def test_other_generators_fall_back_to_jax_random():
     _eq(_random.normal(key, (9,), jnp.bfloat16), jax.random.normal(key, (9,), jnp.bfloat16))
     with jax.threefry_partitionable(False):
         _eq(_random.gumbel(key, (3, 4), jnp.float32), jax.random.gumbel(key, (3, 4), jnp.float32))
+    # A draw of 2³² numbers or more would need the counter's high word: jax.random draws it.
+    assert _random._counted(key, 2**32 - 1) is not None and _random._counted(key, 2**32) is None
     jax.config.update("jax_high_dynamic_range_gumbel", True)
     try:
         _eq(_random.gumbel(key, (3, 4), jnp.float32), jax.random.gumbel(key, (3, 4), jnp.float32))
