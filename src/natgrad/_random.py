@@ -155,5 +155,16 @@ def rademacher(key: jax.Array, shape, dtype=None) -> jax.Array:
 
 
 def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
-    """``jax.random.categorical(key, logits, axis=-1)``: argmax of logits + Gumbel noise."""
-    return jnp.argmax(logits + gumbel(key, logits.shape, logits.dtype), axis=-1)
+    """``jax.random.categorical(key, logits, axis=-1)``: argmax of z = logits + Gumbel noise.
+
+    The argmax as the first index where z equals its maximum (or is NaN, as `jnp.argmax` takes
+    a NaN for the maximum): z then has two consumers, so XLA computes it in its own vectorised
+    kernel. Under `jnp.argmax` it fused the whole hash into the row reduction, whose loop XLA's
+    CPU backend does not vectorise: 4.6× slower than JAX's own draw on (1024, 10), 1.6× on
+    (4096, 96); this way 1.3× and 4× faster than it (JAX 0.10.2, one core).
+    """
+    z = logits + gumbel(key, logits.shape, logits.dtype)
+    top = jnp.max(z, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.result_type(int), z.shape, z.ndim - 1)
+    first = jnp.where((z == top) | jnp.isnan(z), index, z.shape[-1])
+    return jnp.min(first, axis=-1)
