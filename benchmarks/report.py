@@ -25,17 +25,6 @@ from typing import Any
 __all__ = ["write", "markdown", "plot_curves", "plot_task", "write_lineup", "verdict", "main"]
 
 REPORT_NAME = "REPORT.md"
-KNOWN = (
-    "time_to_target",
-    "curvature",
-    "steps",
-    "phases",
-    "kfac",
-    "inverses",
-    "compile_time",
-    "sharding",
-    "charlm",
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +551,8 @@ def markdown(payloads: dict[str, dict], out_dir: str, plots: dict[str, str]) -> 
         ]
     if not payloads:
         lines += ["No benchmark JSON found.", ""]
-    order = [n for n in KNOWN if n in payloads] + [n for n in payloads if n not in KNOWN]
+    known = ("time_to_target", *SECTIONS)  # time to target first, then SECTIONS' order
+    order = [n for n in known if n in payloads] + [n for n in payloads if n not in known]
     for name in order:
         payload = payloads[name]
         title, render = SECTIONS.get(name, (name, generic_section))
