@@ -21,7 +21,6 @@ the ratio formed within each round, medians) and the residual ‖MX − I‖_F /
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ import optax
 
 import natgrad
 from benchmarks.phases import BATCH_SIZE, digits_problem
-from benchmarks.timing import command, machine
+from benchmarks.timing import command, machine, median_seconds
 from natgrad import kronecker
 from natgrad.experiments import training
 
@@ -102,12 +101,6 @@ def trained_factors(problem, steps, batch_size: int = BATCH_SIZE) -> dict[int, d
     return snaps
 
 
-def _seconds(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def bench(rounds: int, problem=None, batch_size: int = BATCH_SIZE) -> dict:
     problem = digits_problem() if problem is None else problem
     params, apply_fn, data, loss = problem
@@ -127,8 +120,9 @@ def bench(rounds: int, problem=None, batch_size: int = BATCH_SIZE) -> dict:
     for _ in range(rounds):
         for f, m in new.items():
             for label, fn in fns.items():
-                sgd_s = _seconds(sgd_step, *sgd_args)
-                ratios[f][label].append(_seconds(fn, m, starts[f]) / sgd_s)
+                sgd_s = median_seconds(sgd_step, *sgd_args, repeats=1, warmup=0)
+                t = median_seconds(fn, m, starts[f], repeats=1, warmup=0)
+                ratios[f][label].append(t / sgd_s)
     rows = []
     for f, m in new.items():
         row = {
